@@ -1,0 +1,370 @@
+"""One interface over three model families: the scores a language model gives the blank.
+
+``ClozeLM`` wraps a stock ``transformers`` model and its tokenizer. For a batch of (template,
+subject) pairs it returns the logits of the token that fills [Y]:
+
+* masked LM (BERT, RoBERTa): [Y] becomes the mask token; read the mask position;
+* seq2seq (BART, as Qin & Eisner use it): the masked sentence goes to the encoder and, shifted by
+  one, to the decoder, which rebuilds it; read the decoder at the mask position;
+* causal LM (Gemma, GPT-2, Llama, SmolLM): the sentence is cut before [Y]; read the last position.
+  Text after [Y] cannot influence the answer, and a template whose subject comes after the blank
+  does not let the model see the subject at all: such templates are reported as not covered.
+
+Two forward hooks on the stock modules do all the work that is special here: one gathers the
+read position before the output projection (so only the blank's logits are computed, never the
+vocabulary at every position), and one per layer adds a prompt perturbation if one is active
+(``course_lib.soft_prompts``). No modeling code is copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import lru_cache
+from typing import Iterator, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from .templates import Template
+
+
+class Family(str, Enum):
+    MASKED = "masked"
+    SEQ2SEQ = "seq2seq"
+    CAUSAL = "causal"
+
+
+class Stream(str, Enum):
+    """Which token sequence a hooked module sees: the encoder's (or only) input, or BART's decoder input."""
+
+    INPUT = "input"
+    DECODER = "decoder"
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A template tokenized once: the prompt's own token ids and where the slots go."""
+
+    template: Template
+    # ("text", ids) | ("subject", ()) | ("blank", ()); the slot's whitespace lives in the template.
+    pieces: tuple[tuple[str, tuple[int, ...]], ...]
+    prompt_token_ids: tuple[int, ...]  # the template's own tokens, in order: the tokens soft prompts tune
+    blank_prefix: str  # whitespace before [Y]: decides how the object is tokenized (" Paris" vs "Paris")
+    subject_prefix: str
+
+    @property
+    def n_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class ClozeBatch:
+    """Padded tensors for a batch of (prompt, subject) examples, plus the bookkeeping the hooks need.
+
+    ``prompt_slot[b, s]`` is ``k * max_tokens + p`` when position s of example b holds token p of
+    prompt k, else -1: one index lets a hook gather every example's offsets in one step.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    read_index: torch.Tensor  # [B] position whose output predicts the blank
+    prompt_index: torch.Tensor  # [B] which prompt (0..K-1) each example uses
+    prompt_slot: torch.Tensor  # [B, S]
+    subject_mask: torch.Tensor  # [B, S] True on subject tokens
+    max_prompt_tokens: int
+    decoder_input_ids: torch.Tensor | None = None
+    decoder_prompt_slot: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def slots(self, stream: Stream) -> torch.Tensor:
+        return self.decoder_prompt_slot if stream is Stream.DECODER else self.prompt_slot
+
+    def to(self, device: torch.device | str) -> "ClozeBatch":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        moved["extras"] = {k: v.to(device) for k, v in self.extras.items()}
+        return ClozeBatch(**moved)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class Perturbation(Protocol):
+    """What the layer hooks ask while a perturbation is active (see ``soft_prompts.PromptOffsets``)."""
+
+    def delta(self, row: int, stream: Stream, batch: ClozeBatch) -> torch.Tensor | None: ...
+
+
+class ClozeLM:
+    """A frozen language model asked to fill one blank. See the module docstring."""
+
+    def __init__(self, model: nn.Module, tokenizer, family: Family | str, name: str = "model") -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.family = Family(family)
+        self.name = name
+        self._special_prefix, self._special_suffix = _special_tokens(tokenizer)
+        if self.family is not Family.CAUSAL and tokenizer.mask_token_id is None:
+            raise ValueError(f"{name}: a {self.family.value} model needs a tokenizer with a mask token")
+        self.hooked_rows = self._find_rows()
+        self._active: tuple[Perturbation, ClozeBatch] | None = None
+        self._read: torch.Tensor | None = None
+        self._install_hooks()
+        self._encode = lru_cache(maxsize=4096)(self._encode_uncached)
+        self._tokens = lru_cache(maxsize=1 << 16)(self._tokens_uncached)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().out_features
+
+    @property
+    def n_layers(self) -> int:
+        """Layers whose outputs a deep perturbation touches (encoder + decoder for BART)."""
+        return len(self.hooked_rows) - 1
+
+    def _find_rows(self) -> list[list[tuple[nn.Module, Stream]]]:
+        """Row 0: the token-embedding modules; row i: the i-th transformer layer (encoder, then decoder)."""
+        if self.family is Family.SEQ2SEQ:
+            enc, dec = self.model.get_encoder(), self.model.get_decoder()
+            rows = [[(enc.embed_tokens, Stream.INPUT), (dec.embed_tokens, Stream.DECODER)]]
+            rows += [[(layer, Stream.INPUT)] for layer in enc.layers]
+            rows += [[(layer, Stream.DECODER)] for layer in dec.layers]
+            return rows
+        rows = [[(self.model.get_input_embeddings(), Stream.INPUT)]]
+        return rows + [[(layer, Stream.INPUT)] for layer in _layer_list(self.model)]
+
+    def _install_hooks(self) -> None:
+        for row, modules in enumerate(self.hooked_rows):
+            for module, stream in modules:
+                module.register_forward_hook(self._perturb_hook(row, stream))
+        self.model.get_output_embeddings().register_forward_pre_hook(self._gather_hook)
+
+    def _perturb_hook(self, row: int, stream: Stream):
+        def hook(module: nn.Module, args, output):
+            if self._active is None:
+                return None
+            perturbation, batch = self._active
+            delta = perturbation.delta(row, stream, batch)
+            if delta is None:
+                return None
+            if isinstance(output, tuple):
+                return (output[0] + delta, *output[1:])
+            return output + delta
+
+        return hook
+
+    def _gather_hook(self, module: nn.Module, args):
+        # Keep only the read position before the vocabulary projection: the projection is most of
+        # the cost of a small model's forward pass, and only one position of it is ever used.
+        if self._read is None:
+            return None
+        hidden = args[0]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return (hidden[rows, self._read.to(hidden.device)].unsqueeze(1), *args[1:])
+
+    # ------------------------------------------------------------------ tokenization
+    def encode_prompt(self, template: Template) -> EncodedPrompt:
+        return self._encode(template)
+
+    def _encode_uncached(self, template: Template) -> EncodedPrompt:
+        pieces: list[tuple[str, tuple[int, ...]]] = []
+        prompt_ids: list[int] = []
+        blank_prefix = subject_prefix = ""
+        for kind, text in template.pieces():
+            if kind == "text":
+                ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                pieces.append(("text", ids))
+                prompt_ids.extend(ids)
+            else:
+                pieces.append((kind, ()))
+                if kind == "blank":
+                    blank_prefix = text
+                else:
+                    subject_prefix = text
+        return EncodedPrompt(template, tuple(pieces), tuple(prompt_ids), blank_prefix, subject_prefix)
+
+    def covers(self, template: Template) -> bool:
+        """Whether this model can answer the template at all (see the module docstring)."""
+        return self.family is not Family.CAUSAL or template.subject_first
+
+    def answer_ids(self, word: str, template: Template | None = None) -> tuple[int, ...]:
+        """Token ids of ``word`` as it would fill the blank of ``template``."""
+        prefix = self.encode_prompt(template).blank_prefix if template is not None else " "
+        return self._tokens(prefix + word)
+
+    def answer_id(self, word: str, template: Template | None = None) -> int | None:
+        """The single token that spells ``word`` at the blank, or None if it takes several (or none)."""
+        ids = self.answer_ids(word, template)
+        if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
+            return None
+        return ids[0]
+
+    def _tokens_uncached(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def subject_ids(self, subject: str, prompt: EncodedPrompt) -> tuple[int, ...]:
+        return tuple(self._tokens(prompt.subject_prefix + subject))
+
+    # ------------------------------------------------------------------ batching
+    def build_batch(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        subjects: Sequence[str],
+        prompt_index: Sequence[int] | None = None,
+        max_length: int | None = None,
+    ) -> ClozeBatch:
+        """Tokenize ``subjects[b]`` into ``prompts[prompt_index[b]]`` and pad (right) into one batch.
+
+        Subjects longer than ``max_length`` tokens (default: the model's context) are cut from the
+        left of the subject, keeping the prompt whole; callers count such cases via ``extras``.
+        """
+        if prompt_index is None:
+            if len(prompts) != 1:
+                raise ValueError("prompt_index is required when several prompts are batched together")
+            prompt_index = [0] * len(subjects)
+        limit = max_length or _context_length(self.model)
+        T = max(1, max(p.n_prompt_tokens for p in prompts))
+        rows: list[tuple[list[int], list[int], list[bool], int]] = []
+        truncated = []
+        for subject, k in zip(subjects, prompt_index):
+            ids, slots, subj, read, cut = self._assemble(prompts[k], subject, k, T, limit)
+            rows.append((ids, slots, subj, read))
+            truncated.append(cut)
+        S = max(len(r[0]) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        B = len(rows)
+        input_ids = torch.full((B, S), pad, dtype=torch.long)
+        attention = torch.zeros((B, S), dtype=torch.long)
+        slot = torch.full((B, S), -1, dtype=torch.long)
+        subject_mask = torch.zeros((B, S), dtype=torch.bool)
+        read = torch.empty(B, dtype=torch.long)
+        for b, (ids, slots, subj, r) in enumerate(rows):
+            n = len(ids)
+            input_ids[b, :n] = torch.tensor(ids)
+            attention[b, :n] = 1
+            slot[b, :n] = torch.tensor(slots)
+            subject_mask[b, :n] = torch.tensor(subj)
+            read[b] = r
+        batch = ClozeBatch(
+            input_ids, attention, read, torch.tensor(list(prompt_index)), slot, subject_mask, T,
+            extras={"truncated": torch.tensor(truncated)},
+        )
+        if self.family is Family.SEQ2SEQ:
+            # BART rebuilds its input: the decoder sees the same sentence shifted right by one.
+            start = self.model.config.decoder_start_token_id
+            batch.decoder_input_ids = torch.cat([torch.full((B, 1), start), input_ids[:, :-1]], dim=1)
+            batch.decoder_prompt_slot = torch.cat([torch.full((B, 1), -1), slot[:, :-1]], dim=1)
+        return batch
+
+    def _assemble(self, prompt: EncodedPrompt, subject: str, k: int, T: int, limit: int):
+        ids: list[int] = list(self._special_prefix)
+        slots: list[int] = [-1] * len(ids)
+        subj: list[bool] = [False] * len(ids)
+        read = -1
+        p = 0
+        budget = limit - sum(len(t) for _, t in prompt.pieces) - len(self._special_prefix) - len(self._special_suffix) - 1
+        sub_ids = self.subject_ids(subject, prompt)
+        cut = len(sub_ids) > budget
+        if cut:
+            sub_ids = sub_ids[len(sub_ids) - max(budget, 1):]
+        for kind, toks in prompt.pieces:
+            if kind == "text":
+                ids.extend(toks)
+                slots.extend(range(k * T + p, k * T + p + len(toks)))
+                subj.extend([False] * len(toks))
+                p += len(toks)
+            elif kind == "subject":
+                ids.extend(sub_ids)
+                slots.extend([-1] * len(sub_ids))
+                subj.extend([True] * len(sub_ids))
+            else:
+                if self.family is Family.CAUSAL:
+                    return ids, slots, subj, len(ids) - 1, cut
+                read = len(ids)
+                ids.append(self.tokenizer.mask_token_id)
+                slots.append(-1)
+                subj.append(False)
+        ids.extend(self._special_suffix)
+        slots.extend([-1] * len(self._special_suffix))
+        subj.extend([False] * len(self._special_suffix))
+        return ids, slots, subj, read, cut
+
+    # ------------------------------------------------------------------ scoring
+    def blank_logits(self, batch: ClozeBatch, perturbation: Perturbation | None = None) -> torch.Tensor:
+        """Logits [B, V] at the blank. Differentiable w.r.t. the perturbation; the model stays frozen."""
+        batch = batch.to(self.device) if batch.input_ids.device != self.device else batch
+        with self._reading(batch.read_index), self._perturbed(perturbation, batch):
+            kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            if self.family is Family.SEQ2SEQ:
+                kwargs["decoder_input_ids"] = batch.decoder_input_ids
+            logits = self.model(**kwargs).logits
+        return logits[:, 0, :].float()
+
+    def blank_log_probs(self, batch: ClozeBatch, perturbation: Perturbation | None = None) -> torch.Tensor:
+        return torch.log_softmax(self.blank_logits(batch, perturbation), dim=-1)
+
+    @contextlib.contextmanager
+    def _reading(self, read_index: torch.Tensor) -> Iterator[None]:
+        self._read = read_index
+        try:
+            yield
+        finally:
+            self._read = None
+
+    @contextlib.contextmanager
+    def _perturbed(self, perturbation: Perturbation | None, batch: ClozeBatch) -> Iterator[None]:
+        self._active = None if perturbation is None else (perturbation, batch)
+        try:
+            yield
+        finally:
+            self._active = None
+
+    def embedding_output(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """What row 0 perturbs: the embedding module's output (Gemma scales it by sqrt(hidden))."""
+        module = self.hooked_rows[0][0][0]
+        with torch.no_grad():
+            return module(token_ids.to(self.device)).float()
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS]/[SEP], <s>/</s>, <bos>)."""
+    probe = "hello"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    raise ValueError(f"cannot locate the text inside the tokenizer's special tokens: {full} vs {bare}")
+
+
+def _layer_list(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer layers of a single-stack model: the longest ModuleList of blocks."""
+    best: nn.ModuleList | None = None
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and not isinstance(module[0], (nn.Linear, nn.Embedding)):
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
+    return best
+
+
+def _context_length(model: nn.Module) -> int:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, 4096)
+    return 512

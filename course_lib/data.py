@@ -1,0 +1,251 @@
+"""Facts, relations and prompt sets, read from the folder layout of ``shared/data``.
+
+Where the data lives is decided in one place, ``data_root``: the folder named by the environment
+variable ``COURSE_LIB_DATA`` if set, else a per-user cache that ``course_lib.download`` fills from
+the public releases on first use (checksums verified).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+from .templates import Template, TemplateError
+
+DATASETS = ("trex_original", "trex_extend", "trex_distinct", "google_re", "conceptnet")
+SPLITS = ("train", "dev", "test")
+ENV_VAR = "COURSE_LIB_DATA"
+
+
+class DataError(ValueError):
+    """Bad data or a bad request for data; the message names the file and line, or the argument."""
+
+
+@dataclass(frozen=True)
+class Fact:
+    subject: str
+    object: str
+
+
+@dataclass(frozen=True)
+class Relation:
+    id: str
+    label: str
+    type: str | None  # LAMA's cardinality: "1-1", "N-1" or "N-M"; None where LAMA gives none
+    template: str  # LAMA's manual template
+
+
+def _family(dataset: str) -> str:
+    return "trex" if dataset.startswith("trex") else dataset
+
+
+# The prompt sets: name -> (how to find the files for a dataset family, what the set is).
+PROMPT_SETS: dict[str, str] = {
+    "lama": "LAMA's manual template (several for ConceptNet)",
+    "lpaqa-mine": "LPAQA's templates mined from Wikipedia, with weights",
+    "lpaqa-paraphrase": "LPAQA's templates made by back-translation, with weights",
+    "lpaqa-manual": "LPAQA's hand-written paraphrases of the LAMA template (T-REx only)",
+    "autoprompt-bert": "AutoPrompt's trigger tokens found for BERT (T-REx only)",
+    "autoprompt-roberta": "AutoPrompt's trigger tokens found for RoBERTa (T-REx only)",
+}
+
+
+def cache_dir() -> Path:
+    """Per-user cache for data, converted models and results (XDG_CACHE_HOME honoured)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "course_lib"
+
+
+def data_root() -> Path:
+    env = os.environ.get(ENV_VAR)
+    if env:
+        root = Path(env).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{ENV_VAR}={env!r} is not a folder; point it at a copy of shared/data or unset it")
+        return root
+    return cache_dir() / "data"
+
+
+def data_path(relpath: str) -> Path:
+    """The local path of one data file, downloading it into the cache if needed."""
+    root = data_root()
+    path = root / relpath
+    if path.is_file():
+        return path
+    if os.environ.get(ENV_VAR):
+        raise DataError(f"{path} does not exist ({ENV_VAR}={os.environ[ENV_VAR]!r}); is that folder a full copy of shared/data?")
+    from .download import fetch_file
+
+    return fetch_file(relpath, root)
+
+
+def _listing(relprefix: str) -> list[str]:
+    """Names directly under a data folder, from disk or (for the cache) from the download registry."""
+    if os.environ.get(ENV_VAR):
+        folder = data_root() / relprefix
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    from .download import load_registry
+
+    prefix = relprefix.rstrip("/") + "/"
+    return sorted({k[len(prefix):].split("/")[0] for k in load_registry() if k.startswith(prefix)})
+
+
+def _unknown(kind: str, value: str, valid: list[str] | tuple[str, ...], where: str = "") -> DataError:
+    close = difflib.get_close_matches(value, list(valid), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return DataError(f"unknown {kind} {value!r}{where}.{hint} Valid: {', '.join(valid)}")
+
+
+def check_dataset(dataset: str) -> str:
+    if dataset not in DATASETS:
+        raise _unknown("dataset", dataset, DATASETS)
+    return dataset
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise _unknown("split", split, SPLITS)
+    return split
+
+
+def relations(dataset: str) -> list[str]:
+    """Relation ids of a dataset, in LAMA's file order for T-REx."""
+    check_dataset(dataset)
+    ids = _listing(f"soft_prompts/db/{dataset}")
+    if not ids:
+        raise DataError(f"no relations found for dataset {dataset!r} under {data_root()}")
+    return ids
+
+
+def check_relations(dataset: str, wanted: list[str] | None) -> list[str]:
+    valid = relations(dataset)
+    if not wanted:
+        return valid
+    for rel in wanted:
+        if rel not in valid:
+            raise _unknown("relation", rel, valid, f" for dataset {dataset!r}")
+    return list(wanted)
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-empty line; a bad line raises DataError naming file and line.
+
+    Reads with utf-8-sig so that a BOM is ignored; universal newlines take CRLF files as they are.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}): {line[:80]!r}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
+
+
+def _string_field(record: dict[str, Any], key: str, path: Path, lineno: int) -> str:
+    if key not in record:
+        raise DataError(f"{path}:{lineno}: missing key {key!r} (keys: {', '.join(map(str, record)) or 'none'})")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{lineno}: {key!r} must be a string, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def read_facts(path: Path) -> list[Fact]:
+    facts = [
+        Fact(_string_field(r, "sub", path, n), _string_field(r, "obj", path, n)) for n, r in read_jsonl(path)
+    ]
+    if not facts:
+        raise DataError(f"{path}: no facts in this split (the file is empty)")
+    return facts
+
+
+def load_facts(dataset: str, relation: str, split: str) -> list[Fact]:
+    check_split(split)
+    check_relations(dataset, [relation])
+    return read_facts(data_path(f"soft_prompts/db/{dataset}/{relation}/{split}.jsonl"))
+
+
+@lru_cache(maxsize=None)
+def _lama_relations() -> dict[str, Relation]:
+    path = data_path("lama/relations.jsonl")
+    out = {}
+    for n, r in read_jsonl(path):
+        rid = _string_field(r, "relation", path, n)
+        out[rid] = Relation(rid, r.get("label", rid), r.get("type"), _string_field(r, "template", path, n))
+    return out
+
+
+def relation_info(dataset: str, relation: str) -> Relation:
+    """Label, LAMA type and manual template of a relation."""
+    check_relations(dataset, [relation])
+    if _family(dataset) == "trex":
+        return _lama_relations()[relation]
+    template = load_prompts("lama", dataset, relation)[0].text
+    return Relation(relation, relation.replace("_", " "), None, template)
+
+
+def read_templates(path: Path) -> list[Template]:
+    """Templates from a jsonl file ({"template": ..., "weight"?: ...}) or a plain text file, one a line."""
+    out: list[Template] = []
+    if path.suffix == ".txt":
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        records = [(n, {"template": line.strip()}) for n, line in enumerate(lines, 1) if line.strip()]
+    else:
+        records = list(read_jsonl(path))
+    for n, r in records:
+        text = _string_field(r, "template", path, n)
+        weight = r.get("weight")
+        if weight is not None and not isinstance(weight, (int, float)):
+            raise DataError(f"{path}:{n}: 'weight' must be a number, got {weight!r}")
+        try:
+            out.append(Template(text, None if weight is None else float(weight), f"{path}:{n}"))
+        except TemplateError as err:
+            raise DataError(str(err)) from None
+    return out
+
+
+def load_prompts(prompt_set: str, dataset: str, relation: str) -> list[Template]:
+    """The templates of one prompt set for one relation (LPAQA's weights kept where given)."""
+    if prompt_set not in PROMPT_SETS:
+        raise _unknown("prompt set", prompt_set, list(PROMPT_SETS))
+    fam = _family(check_dataset(dataset))
+    folder = {"lama": "", "lpaqa-mine": "_mine", "lpaqa-paraphrase": "_paraphrase"}
+    if prompt_set in folder:
+        if fam == "conceptnet" and prompt_set != "lama":
+            raise DataError(f"prompt set {prompt_set!r} has no ConceptNet templates; use 'lama' (several per relation)")
+        path = data_path(f"soft_prompts/prompts/{fam}{folder[prompt_set]}/{relation}.jsonl")
+        return read_templates(path)
+    if fam != "trex":
+        raise DataError(f"prompt set {prompt_set!r} exists for T-REx relations only, not {dataset!r}")
+    check_relations(dataset, [relation])
+    if prompt_set == "lpaqa-manual":
+        return read_templates(data_path(f"lpaqa/prompt/manual_paraphrase/{relation}.txt"))
+    model = prompt_set.split("-")[1]
+    path = data_path(f"autoprompt/prompts/fact_retrieval_{model}_prompts.jsonl")
+    found = [
+        Template(_string_field(r, "template", path, n), None, f"{path}:{n}")
+        for n, r in read_jsonl(path)
+        if r.get("relation") == relation
+    ]
+    if not found:
+        raise DataError(f"{path}: no AutoPrompt trigger for relation {relation!r}")
+    return found
+
+
+@lru_cache(maxsize=None)
+def common_vocab(name: str = "common_vocab_cased.txt") -> tuple[str, ...]:
+    """LAMA's common vocabulary: the words every model LAMA compared has as one token."""
+    path = data_path(f"common_vocab/{name}")
+    return tuple(w for w in path.read_text(encoding="utf-8").splitlines() if w.strip())

