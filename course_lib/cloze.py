@@ -171,8 +171,10 @@ class ClozeLM:
         if self._read is None:
             return None
         hidden = args[0]
+        read = self._read.to(hidden.device)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return (hidden[rows, self._read.to(hidden.device)].unsqueeze(1), *args[1:])
+        picked = hidden[rows, read].unsqueeze(1) if read.dim() == 1 else hidden[rows[:, None], read]
+        return (picked, *args[1:])
 
     # ------------------------------------------------------------------ tokenization
     def encode_prompt(self, template: Template) -> EncodedPrompt:
@@ -304,13 +306,48 @@ class ClozeLM:
     # ------------------------------------------------------------------ scoring
     def blank_logits(self, batch: ClozeBatch, perturbation: Perturbation | None = None) -> torch.Tensor:
         """Logits [B, V] at the blank. Differentiable w.r.t. the perturbation; the model stays frozen."""
+        return self._logits_at(batch, batch.read_index, perturbation)[:, 0, :]
+
+    def _logits_at(self, batch: ClozeBatch, read: torch.Tensor, perturbation: Perturbation | None) -> torch.Tensor:
+        """Logits [B, R, V] at positions ``read`` ([B] or [B, R]) of the (decoder) output."""
         batch = batch.to(self.device) if batch.input_ids.device != self.device else batch
-        with self._reading(batch.read_index), self._perturbed(perturbation, batch):
+        with self._reading(read), self._perturbed(perturbation, batch):
             kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             if self.family is Family.SEQ2SEQ:
                 kwargs["decoder_input_ids"] = batch.decoder_input_ids
-            logits = self.model(**kwargs).logits
-        return logits[:, 0, :].float()
+            return self.model(**kwargs).logits.float()
+
+    def subject_log_likelihood(self, batch: ClozeBatch, perturbation: Perturbation | None = None) -> torch.Tensor:
+        """How plausible the model finds each subject in its slot: [B] log-probabilities.
+
+        Causal LMs: the chain rule over the subject's tokens, each given everything to its left
+        (a subject's first token at position 0, as in GPT-2 without BOS, cannot be scored and is
+        skipped). Masked LMs and BART: every subject token is masked at once and the log-probs of
+        the true tokens summed, a pseudo-likelihood. Used by data-dependent mixture weights.
+        """
+        mask = batch.subject_mask.clone()
+        if self.family is Family.CAUSAL:
+            mask[:, 0] = False
+        lengths = mask.sum(1)
+        R = max(1, int(lengths.max()))
+        positions = torch.zeros(len(batch), R, dtype=torch.long)
+        valid = torch.arange(R)[None, :] < lengths[:, None]
+        for b in range(len(batch)):
+            idx = mask[b].nonzero().flatten()
+            positions[b, : len(idx)] = idx
+        targets = batch.input_ids.gather(1, positions)
+        if self.family is Family.CAUSAL:
+            read, probe = positions - 1, batch
+        else:
+            read = positions
+            masked = batch.input_ids.masked_fill(mask, self.tokenizer.mask_token_id)
+            probe = ClozeBatch(**{**batch.__dict__, "input_ids": masked})
+            if self.family is Family.SEQ2SEQ:
+                start = torch.full((len(batch), 1), self.model.config.decoder_start_token_id)
+                probe.decoder_input_ids = torch.cat([start, masked[:, :-1]], dim=1)
+        logp = torch.log_softmax(self._logits_at(probe, read.clamp_min(0), perturbation), dim=-1)
+        token_logp = logp.gather(2, targets.to(logp.device)[:, :, None]).squeeze(2)
+        return (token_logp * valid.to(logp.device)).sum(1)
 
     def blank_log_probs(self, batch: ClozeBatch, perturbation: Perturbation | None = None) -> torch.Tensor:
         return torch.log_softmax(self.blank_logits(batch, perturbation), dim=-1)
@@ -366,5 +403,17 @@ def _context_length(model: nn.Module) -> int:
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:
-            return min(value, 4096)
+            return min(value - _unused_positions(model), 4096)
     return 512
+
+
+def _unused_positions(model: nn.Module) -> int:
+    """Rows of the position table no token can reach.
+
+    RoBERTa-style models number positions from pad_token_id + 1 and give their position table a
+    padding row (roberta-base: 514 rows, 512 tokens); counting those rows as context would overflow it.
+    """
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            return module.padding_idx + 1
+    return 0

@@ -114,7 +114,7 @@ def check_split(split: str) -> str:
 
 
 def relations(dataset: str) -> list[str]:
-    """Relation ids of a dataset, in LAMA's file order for T-REx."""
+    """Relation ids of a dataset, sorted by name."""
     check_dataset(dataset)
     ids = _listing(f"soft_prompts/db/{dataset}")
     if not ids:
@@ -177,9 +177,13 @@ def load_facts(dataset: str, relation: str, split: str) -> list[Fact]:
     return read_facts(data_path(f"soft_prompts/db/{dataset}/{relation}/{split}.jsonl"))
 
 
-@lru_cache(maxsize=None)
 def _lama_relations() -> dict[str, Relation]:
-    path = data_path("lama/relations.jsonl")
+    return _read_lama_relations(data_path("lama/relations.jsonl"))
+
+
+# Cached per file, not once per process: COURSE_LIB_DATA may be pointed elsewhere mid-session.
+@lru_cache(maxsize=None)
+def _read_lama_relations(path: Path) -> dict[str, Relation]:
     out = {}
     for n, r in read_jsonl(path):
         rid = _string_field(r, "relation", path, n)
@@ -213,6 +217,8 @@ def read_templates(path: Path) -> list[Template]:
             out.append(Template(text, None if weight is None else float(weight), f"{path}:{n}"))
         except TemplateError as err:
             raise DataError(str(err)) from None
+    if not out:
+        raise DataError(f"{path}: no templates in this file (it is empty)")
     return out
 
 
@@ -221,6 +227,8 @@ def load_prompts(prompt_set: str, dataset: str, relation: str) -> list[Template]
     if prompt_set not in PROMPT_SETS:
         raise _unknown("prompt set", prompt_set, list(PROMPT_SETS))
     fam = _family(check_dataset(dataset))
+    # Checked first so that a typo gets the list of valid relations, not a missing-file error.
+    check_relations(dataset, [relation])
     folder = {"lama": "", "lpaqa-mine": "_mine", "lpaqa-paraphrase": "_paraphrase"}
     if prompt_set in folder:
         if fam == "conceptnet" and prompt_set != "lama":
@@ -229,7 +237,6 @@ def load_prompts(prompt_set: str, dataset: str, relation: str) -> list[Template]
         return read_templates(path)
     if fam != "trex":
         raise DataError(f"prompt set {prompt_set!r} exists for T-REx relations only, not {dataset!r}")
-    check_relations(dataset, [relation])
     if prompt_set == "lpaqa-manual":
         return read_templates(data_path(f"lpaqa/prompt/manual_paraphrase/{relation}.txt"))
     model = prompt_set.split("-")[1]
@@ -244,8 +251,11 @@ def load_prompts(prompt_set: str, dataset: str, relation: str) -> list[Template]
     return found
 
 
-@lru_cache(maxsize=None)
 def common_vocab(name: str = "common_vocab_cased.txt") -> tuple[str, ...]:
     """LAMA's common vocabulary: the words every model LAMA compared has as one token."""
-    path = data_path(f"common_vocab/{name}")
+    return _read_vocab(data_path(f"common_vocab/{name}"))
+
+
+@lru_cache(maxsize=None)
+def _read_vocab(path: Path) -> tuple[str, ...]:
     return tuple(w for w in path.read_text(encoding="utf-8").splitlines() if w.strip())

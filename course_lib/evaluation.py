@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .cloze import ClozeLM, EncodedPrompt, Perturbation
 from .data import Fact, common_vocab, load_facts
+from .mixture import data_dependent_log_weights
 from .templates import Template
 
 
@@ -112,12 +113,14 @@ def score_facts(
     log_weights: torch.Tensor | None = None,
     perturbation: Perturbation | None = None,
     allowed: torch.Tensor | None = None,
+    data_dependent: bool = False,
     batch_size: int = 32,
     progress: bool | str = False,
 ) -> Scored:
     """Rank each fact's object under the (mixture of) prompts; drop and count what cannot be scored.
 
-    ``log_weights[k]`` weights prompt k (uniform if None). Templates the model cannot answer (a
+    ``log_weights[k]`` weights prompt k (uniform if None); with ``data_dependent`` each fact's
+    weights are also scaled by each prompt's plausibility of its subject (see ``mixture``). Templates the model cannot answer (a
     causal LM with the blank before the subject) are left out of the mixture; if none is left,
     every fact is dropped as UNCOVERED.
     """
@@ -156,7 +159,11 @@ def score_facts(
         which = [k for _ in idx for k in usable]
         batch = lm.build_batch(prompts, subjects, which)
         logp = lm.blank_log_probs(batch, perturbation).view(len(idx), len(usable), -1)
-        mix = torch.logsumexp(logp + lw.to(logp.device)[None, :, None], dim=1).cpu()
+        weights = lw.to(logp.device)[None, :]
+        if data_dependent:
+            subject_ll = lm.subject_log_likelihood(batch, perturbation).view(len(idx), len(usable))
+            weights = data_dependent_log_weights(weights, subject_ll)
+        mix = torch.logsumexp(logp + weights[:, :, None], dim=1).cpu()
         g = gold_t[idx]
         ranks[idx] = ranks_of(mix, g, allowed)
         masked = mix if allowed is None else mix.masked_fill(~allowed, -math.inf)

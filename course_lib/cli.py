@@ -1,0 +1,194 @@
+"""Command line: ``python -m course_lib probe|tune|reproduce|merge|models|download``.
+
+Each command calls the same function a notebook would, prints the per-relation table and a
+micro/macro summary, and writes a CSV in the common results format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+
+from .data import DATASETS, PROMPT_SETS, SPLITS, DataError
+from .evaluation import AnswerSpace
+from .models import DEFAULT_MODEL, ModelUnavailable
+from .probing import HardMethod
+from .results import format_table, summarize, write_table
+from .templates import TemplateError
+
+
+def _relations(text: str | None) -> list[str] | None:
+    return [r.strip() for r in text.split(",") if r.strip()] if text else None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name or hub id (default {DEFAULT_MODEL}; `models` lists them)")
+    p.add_argument("--dataset", default="trex_original", choices=DATASETS, help="which facts (default trex_original)")
+    p.add_argument("--relations", help="comma-separated relation ids, e.g. P36,P19 (default: all of the dataset)")
+    p.add_argument("--answer-space", default="full", choices=[a.value for a in AnswerSpace],
+                   help="rank answers over the full vocabulary, LAMA's common vocabulary, or the relation's objects")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--out", help="CSV file to write (default under results/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m course_lib", description="Probe language models for facts with hard and soft prompts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("probe", help="measure knowledge with hard prompts (LAMA, LPAQA, AutoPrompt)")
+    _common(p)
+    p.add_argument("--prompts", default="lama", choices=list(PROMPT_SETS), help="prompt set (default lama)")
+    p.add_argument("--method", default=HardMethod.HARD.value, choices=[m.value for m in HardMethod],
+                   help="hard: the set's first template; each: every template; best-dev: best on dev; ensemble-*: all, mixed")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--max-facts", type=int, help="use only the first N facts of each relation")
+    p.add_argument("--batch-size", type=int, default=32)
+
+    t = sub.add_parser("tune", help="train a soft prompt (or a mixture) and evaluate it on test")
+    _common(t)
+    t.add_argument("--init", default="lama", choices=["lama", "random", "lpaqa-mine", "lpaqa-paraphrase"],
+                   help="start from LAMA's template, random vectors in its shape, or LPAQA's templates")
+    t.add_argument("--mixture", default="1", help="1 (one prompt), a number K, or K/all for every template of the set")
+    t.add_argument("--depth", default="0", help="0: soft prompt at the input; all: every layer (deep perturbation); or a number")
+    t.add_argument("--data-dependent", action="store_true", help="mixture weights that also depend on the subject")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--patience", type=int, default=3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-train", type=int)
+    t.add_argument("--max-dev", type=int)
+    t.add_argument("--max-test", type=int)
+    t.add_argument("--checkpoints", default="runs", help="folder for checkpoints (a rerun resumes from them)")
+
+    r = sub.add_parser("reproduce", help="run the paper's method ladder and write one results table")
+    _common(r)
+    r.add_argument("--grid", default="paper", choices=["paper"])
+    r.add_argument("--budget", default="ci", choices=["ci", "laptop", "gpu"], help="ci: minutes on CPU; laptop; gpu: everything")
+    r.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i (for job arrays); merge the tables after")
+    r.add_argument("--checkpoints", default="runs")
+
+    m = sub.add_parser("merge", help="merge shard tables of `reproduce` into one")
+    m.add_argument("tables", nargs="+")
+    m.add_argument("--out", required=True)
+
+    sub.add_parser("models", help="list the registered models and which load offline")
+
+    b = sub.add_parser("bench", help="run the benchmarks in bench/ and write a markdown report")
+    b.add_argument("--out", default="_build/bench")
+    b.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    return parser
+
+
+def _print_result(table: pd.DataFrame, out: Path) -> None:
+    print(format_table(table))
+    summary = summarize(table)
+    print("\nSummary (micro = facts pooled; macro = mean over relations):")
+    cols = [c for c in ["method", "prompt_set", "relations", "kept", "dropped", "micro_p_at_1", "macro_p_at_1",
+                        "micro_p_at_10", "micro_mrr"] if c in summary.columns]
+    print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"\nwrote {write_table(table, out)}")
+
+
+def _default_out(args: argparse.Namespace, what: str) -> Path:
+    return Path(args.out or f"results/{what}-{args.model.replace('/', '_')}-{args.dataset}.csv")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (DataError, TemplateError, ModelUnavailable, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "models":
+        from .models import REGISTRY
+
+        for name, s in REGISTRY.items():
+            print(f"{name:28s} {s.family.value:8s} {'offline (pip package)' if s.source == 'gguf-package' else 'needs the hub'}  {s.note}")
+        return 0
+    if args.command == "merge":
+        from .experiments import merge_tables
+
+        _print_result(merge_tables(args.tables), Path(args.out))
+        return 0
+    if args.command == "bench":
+        from .bench import run_all
+
+        print(run_all(Path(args.out), quick=args.quick))
+        return 0
+
+    from .models import load_model
+
+    lm = load_model(args.model, device=args.device)
+    relations = _relations(args.relations)
+    if args.command == "probe":
+        from .probing import probe
+
+        table = probe(lm, args.dataset, relations, args.prompts, args.split, args.method, args.answer_space,
+                      args.batch_size, args.max_facts)
+        _print_result(table, _default_out(args, f"probe-{args.prompts}-{args.method}"))
+    elif args.command == "tune":
+        table = _tune(lm, args, relations)
+        _print_result(table, _default_out(args, "tune"))
+    else:
+        from .experiments import reproduce
+
+        i, n = (int(x) for x in args.shard.split("/"))
+        table = reproduce(lm, args.dataset, args.grid, args.budget, relations, (i, n), args.answer_space, args.checkpoints)
+        suffix = f"-shard{i}of{n}" if n > 1 else ""
+        _print_result(table, _default_out(args, f"reproduce-{args.grid}-{args.budget}{suffix}"))
+    return 0
+
+
+def _tune(lm, args: argparse.Namespace, relations: list[str] | None) -> pd.DataFrame:
+    from .data import check_relations, load_facts, load_prompts
+    from .evaluation import score_facts
+    from .mixture import effective_prompts
+    from .probing import answer_mask, best_template_on_dev, take
+    from .results import counts_of, make_row
+    from .training import TuneConfig, tune
+
+    config = TuneConfig(init="random" if args.init == "random" else "template", depth=args.depth if args.depth == "all" else int(args.depth),
+                        lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
+                        data_dependent=args.data_dependent)
+    prompt_set = "lama" if args.init in ("lama", "random") else args.init
+    k = None if args.mixture.lower() in ("k", "all") else int(args.mixture)
+    if k is not None and k < 1:
+        raise ValueError(f"--mixture must be at least 1, or K/all; got {args.mixture!r}")
+    method = f"soft-{args.init}" + (f"-mixture{k or 'K'}" if k != 1 else "") + ("-deep" if args.depth != "0" else "")
+    rows = []
+    for rel in check_relations(args.dataset, relations):
+        templates = [t for t in load_prompts(prompt_set, args.dataset, rel) if lm.covers(t)]
+        if any(t.weight is not None for t in templates):
+            templates.sort(key=lambda t: -(t.weight or 0.0))
+        if k == 1 and len(templates) > 1:
+            templates = [best_template_on_dev(lm, args.dataset, rel, templates, args.answer_space, args.max_dev)[0]]
+        elif k is not None:
+            templates = templates[:k]
+        test = take(load_facts(args.dataset, rel, "test"), args.max_test)
+        key = dict(model=lm.name, dataset=args.dataset, relation=rel, prompt_set=prompt_set, method=method, split="test",
+                   answer_space=args.answer_space)
+        if not templates:
+            print(f"{rel}: no template {lm.name} can answer (needs [X] before [Y]); skipped", file=sys.stderr)
+            continue
+        allowed = answer_mask(lm, args.answer_space, args.dataset, rel, templates)
+        ckpt = Path(args.checkpoints) / lm.name.replace("/", "_") / args.dataset / rel / f"{method}-seed{args.seed}.safetensors"
+        result = tune(lm, templates, take(load_facts(args.dataset, rel, "train"), args.max_train),
+                      take(load_facts(args.dataset, rel, "dev"), args.max_dev), replace(config), allowed=allowed, checkpoint=ckpt)
+        if result.resumed_from is not None:
+            print(f"{rel}: resumed from the checkpoint of epoch {result.resumed_from + 1} ({ckpt})")
+        scored = score_facts(lm, templates, test, log_weights=result.log_weights, perturbation=result.soft.perturbation,
+                             allowed=allowed, data_dependent=config.data_dependent)
+        rows.append(make_row(key, counts_of(scored, len(test)), scored.metrics(), best_epoch=result.best_epoch,
+                             best_dev_p_at_1=result.best_dev_p1, effective_prompts=effective_prompts(result.log_weights),
+                             seed=args.seed, checkpoint=str(ckpt)))
+        print(f"{rel}: best dev P@1 {result.best_dev_p1:.3f} at epoch {result.best_epoch + 1}; checkpoint {ckpt}")
+    return pd.DataFrame(rows)

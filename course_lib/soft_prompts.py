@@ -1,0 +1,129 @@
+"""Soft prompts and deep perturbations: one offset tensor, as in the paper's own code.
+
+A soft prompt is a template plus offsets of shape [rows, prompt tokens, hidden], zero at the start,
+so a zero offset *is* the hard prompt. Row 0 is added to the prompt tokens' input embeddings, row
+i to their hidden states after layer i. Training row 0 alone is the paper's soft prompt; training
+every row is its deep perturbation ("-D"); ``depth`` picks anything between. Subject, blank and
+special tokens are never perturbed: ``ClozeBatch.prompt_slot`` marks only the template's tokens.
+
+K prompts (a mixture) share one parameter of shape [K, rows, T, hidden], T the longest prompt, so
+every example of a batch, whatever its prompt, is perturbed by one gather per layer.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .cloze import ClozeBatch, ClozeLM, EncodedPrompt, Stream
+from .templates import Template
+
+
+class Init(str, Enum):
+    TEMPLATE = "template"  # start at the template's own word vectors (zero offset)
+    RANDOM = "random"  # replace them by draws matching the embedding table's mean and spread
+
+
+def resolve_depth(depth: int | str, lm: ClozeLM) -> int:
+    """``"all"`` means every layer; an int d trains rows 0..d (0 = input embeddings only)."""
+    if depth == "all":
+        return lm.n_layers
+    d = int(depth)
+    if not 0 <= d <= lm.n_layers:
+        raise ValueError(f"depth must be between 0 and {lm.n_layers} (the model's layers) or 'all', got {depth!r}")
+    return d
+
+
+class PromptOffsets(nn.Module):
+    """Trainable offsets for K prompts; implements ``cloze.Perturbation`` for the layer hooks."""
+
+    def __init__(self, n_prompts: int, n_rows: int, n_tokens: int, hidden: int) -> None:
+        super().__init__()
+        self.offsets = nn.Parameter(torch.zeros(n_prompts, n_rows, max(n_tokens, 1), hidden))
+
+    @property
+    def n_rows(self) -> int:
+        return self.offsets.shape[1]
+
+    def delta(self, row: int, stream: Stream, batch: ClozeBatch) -> torch.Tensor | None:
+        if row >= self.n_rows:
+            return None
+        K, _, T, H = self.offsets.shape
+        if batch.max_prompt_tokens != T:
+            raise ValueError(f"batch built for {batch.max_prompt_tokens} prompt tokens, offsets have {T}")
+        # One extra zero row: positions that are not prompt tokens gather it and stay unperturbed.
+        table = torch.cat([self.offsets[:, row].reshape(K * T, H), self.offsets.new_zeros(1, H)])
+        slots = batch.slots(stream)
+        index = torch.where(slots < 0, K * T, slots)
+        return table[index]
+
+
+class SoftPrompt(nn.Module):
+    """K templates, encoded for one model, and their offsets. K = 1 for a single soft prompt."""
+
+    def __init__(self, lm: ClozeLM, templates: Sequence[Template], depth: int | str = 0) -> None:
+        super().__init__()
+        self.templates = list(templates)
+        self.prompts: list[EncodedPrompt] = [lm.encode_prompt(t) for t in self.templates]
+        self.depth = resolve_depth(depth, lm)
+        T = max(p.n_prompt_tokens for p in self.prompts)
+        self.perturbation = PromptOffsets(len(self.prompts), self.depth + 1, T, lm.hidden_size).to(lm.device)
+
+    @property
+    def offsets(self) -> nn.Parameter:
+        return self.perturbation.offsets
+
+    def batch(self, lm: ClozeLM, subjects: Sequence[str], prompt_index: Sequence[int]) -> ClozeBatch:
+        return lm.build_batch(self.prompts, subjects, prompt_index)
+
+    def input_vectors(self, lm: ClozeLM, k: int = 0) -> torch.Tensor:
+        """The prompt's input vectors as the model sees them: word embeddings plus row-0 offsets."""
+        ids = torch.tensor(self.prompts[k].prompt_token_ids, dtype=torch.long)
+        base = lm.embedding_output(ids)
+        return base + self.offsets[k, 0, : len(ids)].detach().to(base.device)
+
+
+def embedding_stats(lm: ClozeLM, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation of the embedding table, as the model sees it.
+
+    Read through the embedding module (in chunks, the table can be 262k rows) so that scaled
+    embeddings such as Gemma's sqrt(hidden) factor are measured in the space the offsets live in.
+    """
+    total = torch.zeros(lm.hidden_size, dtype=torch.float64)
+    total_sq = torch.zeros(lm.hidden_size, dtype=torch.float64)
+    n = lm.model.get_input_embeddings().num_embeddings
+    for start in range(0, n, chunk):
+        e = lm.embedding_output(torch.arange(start, min(n, start + chunk))).double().cpu()
+        total += e.sum(0)
+        total_sq += (e * e).sum(0)
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_min(0).sqrt()
+    return mean.float(), std.float()
+
+
+@torch.no_grad()
+def init_random(soft: SoftPrompt, lm: ClozeLM, generator: torch.Generator) -> None:
+    """Random initialisation: row-0 offsets that turn each template word's vector into a fresh draw.
+
+    The draw matches the embedding table's per-dimension mean and spread, as in the paper; the
+    template still decides how many vectors there are and where the subject and blank go.
+    """
+    mean, std = embedding_stats(lm)
+    for k, prompt in enumerate(soft.prompts):
+        ids = torch.tensor(prompt.prompt_token_ids, dtype=torch.long)
+        if len(ids) == 0:
+            continue
+        draw = mean + std * torch.randn(len(ids), lm.hidden_size, generator=generator)
+        soft.offsets[k, 0, : len(ids)] = (draw - lm.embedding_output(ids).cpu()).to(soft.offsets.device)
+
+
+def nearest_tokens(lm: ClozeLM, vectors: torch.Tensor, k: int = 5) -> list[list[str]]:
+    """The k vocabulary tokens whose embeddings are closest (cosine) to each vector."""
+    table = lm.embedding_output(torch.arange(lm.model.get_input_embeddings().num_embeddings))
+    table = torch.nn.functional.normalize(table, dim=-1)
+    v = torch.nn.functional.normalize(vectors.float().to(table.device), dim=-1)
+    top = (v @ table.T).topk(k, dim=-1).indices.cpu()
+    return [[lm.tokenizer.decode([int(i)]) for i in row] for row in top]

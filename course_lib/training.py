@@ -1,0 +1,249 @@
+"""Tuning soft prompts (and mixtures of them) on the log-loss of the gold object, model frozen.
+
+One loop serves every rung of the paper's ladder: K = 1 or many prompts, depth 0 or all layers,
+template or random initialisation. Each epoch ends with a checkpoint (safetensors: tensors plus
+JSON metadata, written atomically), so a killed run resumes where it stopped and ends exactly
+where an uninterrupted run with the same seed ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .cloze import ClozeLM
+from .data import Fact
+from .evaluation import answer_form_template, score_facts
+from .mixture import data_dependent_log_weights, m_step_weights, responsibilities
+from .soft_prompts import Init, SoftPrompt, init_random
+from .templates import Template
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: corrupted, truncated, or from another model or prompt."""
+
+
+@dataclass
+class TuneConfig:
+    """Everything that decides a tuning run's result (the seed included)."""
+
+    init: str = Init.TEMPLATE.value
+    depth: int | str = 0
+    lr: float = 3e-3
+    epochs: int = 10
+    batch_size: int = 16
+    patience: int = 3
+    seed: int = 0
+    data_dependent: bool = False
+    learn_weights: bool = True
+
+    def __post_init__(self) -> None:
+        self.init = Init(self.init).value
+        for name in ("epochs", "batch_size", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TuneConfig.{name} must be at least 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TuneConfig.lr must be a positive number, got {self.lr!r}")
+
+
+@dataclass
+class TuneResult:
+    soft: SoftPrompt
+    log_weights: torch.Tensor
+    config: TuneConfig
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_dev_p1: float = math.nan
+    resumed_from: int | None = None
+
+
+def gold_log_probs(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str], gold: torch.Tensor, prompts: Sequence[int], data_dependent: bool = False):
+    """[B, K] log p_k(gold | subject) under each prompt (and [B, K] subject log-likelihoods or None)."""
+    K = len(prompts)
+    batch = soft.batch(lm, [s for s in subjects for _ in prompts], [k for _ in subjects for k in prompts])
+    logp = lm.blank_log_probs(batch, soft.perturbation).view(len(subjects), K, -1)
+    g = gold.to(logp.device)[:, None, None].expand(-1, K, 1)
+    subject_ll = lm.subject_log_likelihood(batch, soft.perturbation).view(len(subjects), K) if data_dependent else None
+    return logp.gather(2, g).squeeze(2), subject_ll
+
+
+def _identity(lm: ClozeLM, templates: Sequence[Template], config: TuneConfig) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: model, templates and the result-deciding config."""
+    cfg = asdict(config)
+    cfg.pop("epochs")  # more epochs may be asked of a finished run
+    return {"model": lm.name, "templates": [t.text for t in templates], "config": cfg}
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["meta"])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable course_lib checkpoint ({type(err).__name__}: {err}); delete it to start over") from None
+    return tensors, meta
+
+
+def _optimizer_tensors(opt: torch.optim.Adam) -> dict[str, torch.Tensor]:
+    state = opt.state_dict()["state"].get(0)
+    if not state:
+        return {}
+    return {"adam.step": torch.as_tensor(state["step"], dtype=torch.float32).reshape(1),
+            "adam.exp_avg": state["exp_avg"], "adam.exp_avg_sq": state["exp_avg_sq"]}
+
+
+def _restore_optimizer(opt: torch.optim.Adam, tensors: dict[str, torch.Tensor]) -> None:
+    if "adam.step" not in tensors:
+        return
+    state = opt.state_dict()
+    device = opt.param_groups[0]["params"][0].device
+    state["state"][0] = {"step": tensors["adam.step"].reshape(()).clone(),
+                         "exp_avg": tensors["adam.exp_avg"].to(device), "exp_avg_sq": tensors["adam.exp_avg_sq"].to(device)}
+    opt.load_state_dict(state)
+
+
+def tune(
+    lm: ClozeLM,
+    templates: Sequence[Template],
+    train_facts: Sequence[Fact],
+    dev_facts: Sequence[Fact],
+    config: TuneConfig | None = None,
+    *,
+    allowed: torch.Tensor | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> TuneResult:
+    """Tune offsets (and mixture weights by EM) for ``templates``; keep the best state on dev P@1.
+
+    ``checkpoint`` names a .safetensors file: written at each epoch's end, resumed from if present.
+    ``stop_after_epoch`` ends the run early, as an interruption would (for tests and the book).
+    """
+    config = config or TuneConfig()
+    templates = [t for t in templates if lm.covers(t)]
+    if not templates:
+        raise ValueError(f"none of the templates can be answered by {lm.name} (a causal LM needs [X] before [Y])")
+    soft = SoftPrompt(lm, templates, config.depth)
+    K = len(templates)
+    if Init(config.init) is Init.RANDOM:
+        init_random(soft, lm, torch.Generator().manual_seed(config.seed))
+    log_weights = torch.full((K,), -math.log(K))
+    form = answer_form_template(lm, soft.prompts)
+    pairs = [(f.subject, lm.answer_id(f.object, form)) for f in train_facts]
+    pairs = [(s, g) for s, g in pairs if g is not None]
+    if not pairs:
+        raise ValueError("no training fact has a single-token object for this model: nothing to tune on")
+    opt = torch.optim.Adam(soft.parameters(), lr=config.lr)
+    result = TuneResult(soft, log_weights, config)
+    best = {"offsets": soft.offsets.detach().clone(), "log_weights": log_weights.clone()}
+    start_epoch = 0
+    path = Path(checkpoint) if checkpoint is not None else None
+    identity = _identity(lm, templates, config)
+    if path is not None and path.exists():
+        tensors, meta = load_checkpoint(path)
+        if meta.get("identity") != identity:
+            raise CheckpointError(f"{path} was written for another run ({_difference(meta.get('identity'), identity)}); "
+                                  "use another checkpoint path or delete it")
+        if tensors["offsets"].shape != soft.offsets.shape:
+            raise CheckpointError(f"{path}: offsets of shape {tuple(tensors['offsets'].shape)}, expected {tuple(soft.offsets.shape)}")
+        with torch.no_grad():
+            soft.offsets.copy_(tensors["offsets"])
+        log_weights = tensors["log_weights"].clone()
+        best = {"offsets": tensors["best.offsets"].to(soft.offsets.device), "log_weights": tensors["best.log_weights"]}
+        _restore_optimizer(opt, tensors)
+        result.history = meta["history"]
+        result.best_epoch, result.best_dev_p1 = meta["best_epoch"], meta["best_dev_p1"]
+        start_epoch = meta["epoch"] + 1
+        result.resumed_from = meta["epoch"]
+    stale = sum(1 for h in result.history if h["epoch"] > result.best_epoch)
+    for epoch in range(start_epoch, config.epochs):
+        if stale >= config.patience:
+            break
+        t0 = time.perf_counter()
+        snapshot = (soft.offsets.detach().clone(), _optimizer_tensors(opt), log_weights.clone())
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch)).tolist()
+        resp_sum = torch.zeros(K)
+        seen, loss_sum, nan = 0, 0.0, False
+        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        for start in bar:
+            idx = order[start : start + config.batch_size]
+            subjects = [pairs[i][0] for i in idx]
+            gold = torch.tensor([pairs[i][1] for i in idx])
+            logp, subject_ll = gold_log_probs(lm, soft, subjects, gold, list(range(K)), config.data_dependent)
+            prior = log_weights[None, :].to(logp.device)
+            if subject_ll is not None:
+                prior = data_dependent_log_weights(prior, subject_ll.detach())
+            r = responsibilities(prior, logp.detach()) if K > 1 else torch.ones_like(logp)
+            loss = -(r * logp).sum(1).mean()
+            if not torch.isfinite(loss):
+                nan = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            resp_sum += r.detach().sum(0).cpu()
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        if nan:
+            with torch.no_grad():
+                soft.offsets.copy_(snapshot[0])
+            _restore_optimizer(opt, snapshot[1])
+            log_weights = snapshot[2]
+            warnings.warn(f"epoch {epoch + 1}: the loss became NaN or infinite; the epoch was stopped and the state "
+                          "from its start restored (try a smaller learning rate)", RuntimeWarning, stacklevel=2)
+        elif K > 1 and config.learn_weights:
+            log_weights = m_step_weights(resp_sum, seen)
+        scored = score_facts(lm, templates, dev_facts, log_weights=log_weights, perturbation=soft.perturbation,
+                             allowed=allowed, data_dependent=config.data_dependent, batch_size=config.batch_size * 2)
+        dev_p1 = scored.metrics()["p_at_1"]
+        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "dev_p_at_1": dev_p1,
+                  "dev_kept": scored.kept, "nan": nan, "seconds": time.perf_counter() - t0}
+        result.history.append(record)
+        if dev_p1 > result.best_dev_p1 or math.isnan(result.best_dev_p1):
+            result.best_epoch, result.best_dev_p1 = epoch, dev_p1
+            best = {"offsets": soft.offsets.detach().clone(), "log_weights": log_weights.clone()}
+            stale = 0
+        else:
+            stale += 1
+        if path is not None:
+            meta = {"identity": identity, "epoch": epoch, "history": result.history,
+                    "best_epoch": result.best_epoch, "best_dev_p1": result.best_dev_p1}
+            save_checkpoint(path, {"offsets": soft.offsets, "log_weights": log_weights, "best.offsets": best["offsets"],
+                                   "best.log_weights": best["log_weights"], **_optimizer_tensors(opt)}, meta)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    with torch.no_grad():
+        soft.offsets.copy_(best["offsets"])
+    result.log_weights = best["log_weights"]
+    return result
+
+
+def _difference(old: Any, new: dict[str, Any]) -> str:
+    if not isinstance(old, dict):
+        return "no run identity stored"
+    diffs = [k for k in new if old.get(k) != new.get(k)]
+    return "differs in " + ", ".join(diffs) if diffs else "unknown difference"
