@@ -25,12 +25,20 @@ def _relations(text: str | None) -> list[str] | None:
     return [r.strip() for r in text.split(",") if r.strip()] if text else None
 
 
+def _spaces(text: str) -> str:
+    for part in text.split(","):
+        if part.strip() not in {a.value for a in AnswerSpace}:
+            raise argparse.ArgumentTypeError(f"unknown answer space {part!r}; valid: {', '.join(a.value for a in AnswerSpace)}")
+    return text
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name or hub id (default {DEFAULT_MODEL}; `models` lists them)")
     p.add_argument("--dataset", default="trex_original", choices=DATASETS, help="which facts (default trex_original)")
     p.add_argument("--relations", help="comma-separated relation ids, e.g. P36,P19 (default: all of the dataset)")
-    p.add_argument("--answer-space", default="full", choices=[a.value for a in AnswerSpace],
-                   help="rank answers over the full vocabulary, LAMA's common vocabulary, or the relation's objects")
+    p.add_argument("--answer-space", default="full", type=_spaces,
+                   help="full (the model's vocabulary), common (LAMA's common vocabulary) or relation (the relation's "
+                        "objects); probe accepts several, comma-separated, scored in one pass")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--out", help="CSV file to write (default under results/)")
 
@@ -132,7 +140,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "probe":
         from .probing import probe
 
-        table = probe(lm, args.dataset, relations, args.prompts, args.split, args.method, args.answer_space,
+        spaces = [a.strip() for a in args.answer_space.split(",")]
+        table = probe(lm, args.dataset, relations, args.prompts, args.split, args.method, spaces,
                       args.batch_size, args.max_facts)
         _print_result(table, _default_out(args, f"probe-{args.prompts}-{args.method}"))
     elif args.command == "tune":

@@ -104,7 +104,6 @@ def relation_objects(dataset: str, relation: str) -> list[str]:
     return sorted({f.object for split in ("train", "dev", "test") for f in load_facts(dataset, relation, split)})
 
 
-@torch.no_grad()
 def score_facts(
     lm: ClozeLM,
     templates: Sequence[Template],
@@ -120,42 +119,65 @@ def score_facts(
     """Rank each fact's object under the (mixture of) prompts; drop and count what cannot be scored.
 
     ``log_weights[k]`` weights prompt k (uniform if None); with ``data_dependent`` each fact's
-    weights are also scaled by each prompt's plausibility of its subject (see ``mixture``). Templates the model cannot answer (a
-    causal LM with the blank before the subject) are left out of the mixture; if none is left,
-    every fact is dropped as UNCOVERED.
+    weights are also scaled by each prompt's plausibility of its subject (see ``mixture``).
+    Templates the model cannot answer (a causal LM with the blank before the subject) are left out
+    of the mixture; if none is left, every fact is dropped as UNCOVERED.
     """
+    return score_facts_in_spaces(lm, templates, facts, {"": allowed}, log_weights=log_weights, perturbation=perturbation,
+                                 data_dependent=data_dependent, batch_size=batch_size, progress=progress)[""]
+
+
+@torch.no_grad()
+def score_facts_in_spaces(
+    lm: ClozeLM,
+    templates: Sequence[Template],
+    facts: Sequence[Fact],
+    spaces: dict[str, torch.Tensor | None],
+    *,
+    log_weights: torch.Tensor | None = None,
+    perturbation: Perturbation | None = None,
+    data_dependent: bool = False,
+    batch_size: int = 32,
+    progress: bool | str = False,
+) -> dict[str, Scored]:
+    """``score_facts`` for several answer spaces at once: one forward pass per batch serves them all."""
     prompts = [lm.encode_prompt(t) for t in templates]
     usable = [k for k, t in enumerate(templates) if lm.covers(t)]
-    dropped: Counter = Counter()
     if not usable:
-        dropped[DropReason.UNCOVERED.value] = len(facts)
         empty = torch.zeros(0, dtype=torch.long)
-        return Scored([], empty, empty, torch.zeros(0, 10, dtype=torch.long), dropped)
+        return {name: Scored([], empty, empty, torch.zeros(0, 10, dtype=torch.long), Counter({DropReason.UNCOVERED.value: len(facts)}))
+                for name in spaces}
     form = answer_form_template(lm, [prompts[k] for k in usable])
-    kept: list[Fact] = []
-    gold: list[int] = []
+    dropped = {name: Counter() for name in spaces}
+    members: dict[str, list[int]] = {name: [] for name in spaces}  # indices into ``scorable``
+    scorable: list[tuple[Fact, int]] = []
     for f in facts:
         tid = lm.answer_id(f.object, form)
         if tid is None:
-            dropped[DropReason.MULTI_TOKEN.value] += 1
-        elif allowed is not None and not bool(allowed[tid]):
-            dropped[DropReason.NOT_IN_SPACE.value] += 1
-        else:
-            kept.append(f)
-            gold.append(tid)
+            for name in spaces:
+                dropped[name][DropReason.MULTI_TOKEN.value] += 1
+            continue
+        inside = [name for name, mask in spaces.items() if mask is None or bool(mask[tid])]
+        for name in spaces:
+            if name not in inside:
+                dropped[name][DropReason.NOT_IN_SPACE.value] += 1
+        if inside:
+            for name in inside:
+                members[name].append(len(scorable))
+            scorable.append((f, tid))
     lw = torch.zeros(len(templates)) if log_weights is None else log_weights.detach().float().cpu()
     lw = torch.log_softmax(lw[usable], dim=0)
-    gold_t = torch.tensor(gold, dtype=torch.long)
-    ranks = torch.empty(len(kept), dtype=torch.long)
-    top10 = torch.empty(len(kept), 10, dtype=torch.long)
-    # Similar lengths together: less padding, and the order is undone when results are stored.
-    order = sorted(range(len(kept)), key=lambda i: len(kept[i].subject))
+    gold_t = torch.tensor([g for _, g in scorable], dtype=torch.long)
+    ranks = {name: torch.zeros(len(scorable), dtype=torch.long) for name in spaces}
+    top10 = {name: torch.zeros(len(scorable), 10, dtype=torch.long) for name in spaces}
+    # Similar lengths together: less padding; results are written back in the original order.
+    order = sorted(range(len(scorable)), key=lambda i: len(scorable[i][0].subject))
     per_batch = max(1, batch_size // len(usable))
     steps = range(0, len(order), per_batch)
     bar = tqdm(steps, desc=progress if isinstance(progress, str) else "scoring", disable=not progress, leave=False)
     for start in bar:
         idx = order[start : start + per_batch]
-        subjects = [kept[i].subject for i in idx for _ in usable]
+        subjects = [scorable[i][0].subject for i in idx for _ in usable]
         which = [k for _ in idx for k in usable]
         batch = lm.build_batch(prompts, subjects, which)
         logp = lm.blank_log_probs(batch, perturbation).view(len(idx), len(usable), -1)
@@ -164,8 +186,12 @@ def score_facts(
             subject_ll = lm.subject_log_likelihood(batch, perturbation).view(len(idx), len(usable))
             weights = data_dependent_log_weights(weights, subject_ll)
         mix = torch.logsumexp(logp + weights[:, :, None], dim=1).cpu()
-        g = gold_t[idx]
-        ranks[idx] = ranks_of(mix, g, allowed)
-        masked = mix if allowed is None else mix.masked_fill(~allowed, -math.inf)
-        top10[idx] = masked.topk(min(10, masked.shape[1]), dim=1).indices
-    return Scored(kept, gold_t, ranks, top10, dropped)
+        for name, mask in spaces.items():
+            ranks[name][idx] = ranks_of(mix, gold_t[idx], mask)
+            masked = mix if mask is None else mix.masked_fill(~mask, -math.inf)
+            top10[name][idx] = masked.topk(10, dim=1).indices
+    out = {}
+    for name in spaces:
+        sel = torch.tensor(members[name], dtype=torch.long)
+        out[name] = Scored([scorable[i][0] for i in members[name]], gold_t[sel], ranks[name][sel], top10[name][sel], dropped[name])
+    return out

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .cloze import ClozeLM
 from .data import Fact, check_dataset, check_relations, check_split, load_facts, load_prompts
-from .evaluation import AnswerSpace, allowed_ids, answer_form_template, relation_objects, score_facts
+from .evaluation import AnswerSpace, allowed_ids, answer_form_template, relation_objects, score_facts, score_facts_in_spaces
 from .results import counts_of, make_row
 from .templates import Template
 
@@ -59,29 +59,30 @@ def probe(
     prompt_set: str = "lama",
     split: str = "test",
     method: HardMethod | str = HardMethod.HARD,
-    answer_space: AnswerSpace | str = AnswerSpace.FULL,
+    answer_space: AnswerSpace | str | Sequence[AnswerSpace | str] = AnswerSpace.FULL,
     batch_size: int = 32,
     max_facts: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Probe ``lm`` with hard prompts; one tidy row per relation (per template for ``each``)."""
+    """Probe ``lm`` with hard prompts; one tidy row per relation and answer space (per template for ``each``).
+
+    Several answer spaces (e.g. ``["full", "common"]``) share one forward pass per batch.
+    """
     check_dataset(dataset)
     check_split(split)
     method = HardMethod(method)
-    space = AnswerSpace(answer_space)
+    spaces = [AnswerSpace(a) for a in ([answer_space] if isinstance(answer_space, str) else answer_space)]
     rels = check_relations(dataset, list(relations) if relations else None)
     rows = []
     for rel in tqdm(rels, desc=f"probe {lm.name} {prompt_set}", disable=not progress):
         templates = load_prompts(prompt_set, dataset, rel)
         facts = take(load_facts(dataset, rel, split), max_facts)
-        key = dict(model=lm.name, dataset=dataset, relation=rel, prompt_set=prompt_set, method=method.value,
-                   split=split, answer_space=space.value)
         if method is HardMethod.EACH:
             runs = [([t], None, t.text) for t in templates]
         elif method is HardMethod.HARD:
             runs = [([templates[0]], None, templates[0].text)]
         elif method is HardMethod.BEST_DEV:
-            best, _ = best_template_on_dev(lm, dataset, rel, templates, space, max_facts, batch_size)
+            best, _ = best_template_on_dev(lm, dataset, rel, templates, spaces[0], max_facts, batch_size)
             runs = [([best], None, best.text)]
         else:
             weights = None
@@ -91,7 +92,11 @@ def probe(
                 weights = torch.log(torch.tensor([max(t.weight, 1e-30) for t in templates]))
             runs = [(list(templates), weights, f"{len(templates)} templates")]
         for tpls, weights, label in runs:
-            allowed = answer_mask(lm, space, dataset, rel, tpls)
-            scored = score_facts(lm, tpls, facts, log_weights=weights, allowed=allowed, batch_size=batch_size)
-            rows.append(make_row(key, counts_of(scored, len(facts)), scored.metrics(), template=label))
+            masks = {s.value: answer_mask(lm, s, dataset, rel, tpls) for s in spaces}
+            scored = score_facts_in_spaces(lm, tpls, facts, masks, log_weights=weights, batch_size=batch_size)
+            for space in spaces:
+                key = dict(model=lm.name, dataset=dataset, relation=rel, prompt_set=prompt_set, method=method.value,
+                           split=split, answer_space=space.value)
+                s = scored[space.value]
+                rows.append(make_row(key, counts_of(s, len(facts)), s.metrics(), template=label))
     return pd.DataFrame(rows)

@@ -83,7 +83,7 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:
-    cols = columns or [c for c in ["relation", "kept", "dropped", "p_at_1", "p_at_10", "mrr"] if c in table.columns]
+    cols = columns or [c for c in ["relation", "method", "answer_space", "kept", "dropped", "p_at_1", "p_at_10", "mrr"] if c in table.columns]
     return table[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}")
 
 

@@ -1,0 +1,79 @@
+"""Small conveniences for the book's chapters: a results cache for tables, and the probe explorer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from .experiments import results_cache_dir
+
+
+def cached_frame(name: str, key: dict[str, Any], compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """``compute()``'s table, cached on disk under a hash of ``key`` (put every setting that matters in it).
+
+    The entry is written to a temporary file and renamed into place, so an interrupted execution
+    never leaves half a table to be read back.
+    """
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = results_cache_dir() / "tables" / f"{name}-{digest}.csv"
+    if path.is_file():
+        try:
+            return pd.read_csv(path)
+        except (OSError, ValueError, pd.errors.ParserError):
+            pass  # unreadable: recompute below
+    table = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return table
+
+
+def top_answers(lm, template_text: str, subject: str, k: int = 10) -> pd.DataFrame:
+    """The model's k best fillers for one (template, subject), with probabilities."""
+    import torch
+
+    from .templates import Template
+
+    template = Template(template_text)
+    if not lm.covers(template):
+        raise ValueError(f"{lm.name} is a causal LM and cannot see a subject placed after the blank: {template_text!r}")
+    batch = lm.build_batch([lm.encode_prompt(template)], [subject])
+    with torch.no_grad():
+        probs = lm.blank_log_probs(batch).exp()[0]
+    top = probs.topk(k)
+    return pd.DataFrame({"answer": [lm.tokenizer.decode([int(i)]).strip() for i in top.indices],
+                         "probability": [float(p) for p in top.values]})
+
+
+def probe_explorer(lm, templates: dict[str, str], subject: str = "Dante", k: int = 10):
+    """A widget: type a subject, pick a relation's template, see the model's top answers."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    subject_box = widgets.Text(value=subject, description="Subject")
+    relation = widgets.Dropdown(options=list(templates), description="Relation")
+    template_box = widgets.Text(value=templates[relation.value], description="Template", layout=widgets.Layout(width="60%"))
+    out = widgets.Output()
+
+    def refresh(*_):
+        out.clear_output(wait=True)
+        with out:
+            try:
+                display(top_answers(lm, template_box.value, subject_box.value, k))
+            except ValueError as err:  # a template without [X]/[Y], or one a causal LM cannot answer
+                print(err)
+
+    def pick(change):
+        template_box.value = templates[change["new"]]
+
+    relation.observe(pick, names="value")
+    subject_box.observe(refresh, names="value")
+    template_box.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([widgets.HBox([subject_box, relation]), template_box, out])
