@@ -3,8 +3,9 @@
 #
 #   make book     execute the chapters at the `ci` budget on the offline default model and build
 #                 the site into _build/html (incremental; `make book CLEAN=1` starts from an empty _build)
-#   make test     the full test suite: unit tests (the `gemma` ones included), the book build,
-#                 [nbval over the executed notebooks: not enabled yet], the site tests in Chromium.
+#   make test     the full test suite: unit tests (the `gemma` ones included), the book build
+#                 (chapters executed by papermill), nbval over the executed chapters, the site
+#                 tests in headless Chromium.
 #                 CI runs exactly this (.ci/run).
 #   make bench    python -m course_lib bench   (BENCH_ARGS="..." for its options)
 #   make clean    remove _build/ and test caches (keeps .venv, node_modules, results/, runs/)
@@ -89,16 +90,21 @@ test-unit:
 	$(call phase,unit tests: pytest -m not-site over tests/ incl. the gemma marker)
 	$(ENV) $(PY) -m pytest -q -m "not site" $(PYTEST_ARGS)
 
-# ==== NBVAL: PLACE RESERVED for nbval over the executed notebooks (not enabled yet) ============
-# When the chapters tag the cells whose outputs are checked (`nbval-check-output`), replace the
-# echo below with the nbval run, e.g.
-#   $(ENV) $(PY) -m pytest -q -p no:cacheprovider --nbval-lax \
-#       --nbval-sanitize-with tests/nbval_sanitize.cfg <the executed .ipynb files>
-# Note: with `execute_notebooks: cache`, _build/jupyter_execute/*.ipynb hold no outputs when
-# jupyter-cache served them (see tests/site/conftest.py); check notebooks executed for this run.
+# nbval re-executes every executed chapter and compares the outputs of the cells tagged
+# `nbval-check-output` (rounded key numbers) with those of the papermill run. Results cached by
+# the first run make most chapters cheap to re-run; chapter 3 is re-run from an empty results
+# cache, so its soft-prompt training really happens twice and must give the same numbers.
+NBVAL := $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg
+COLD_CHAPTER := _build/executed/book/03_soft_prompts.ipynb
 test-notebooks:
-	$(call phase,nbval over the executed notebooks: NOT ENABLED YET - placeholder in the Makefile)
-# ================================================================================================
+	$(call phase,nbval: re-execute the executed chapters and compare their tagged outputs)
+	$(ENV) shopt -s nullglob; warm=(); for nb in _build/executed/book/*.ipynb; do \
+	  [[ "$$nb" == "$(COLD_CHAPTER)" ]] || warm+=("$$nb"); done; \
+	  (( $${#warm[@]} )) || { echo "no executed chapters under _build/executed/book: run make book-build first"; exit 1; }; \
+	  $(NBVAL) "$${warm[@]}"
+	$(call phase,reproducibility: chapter 3 re-executed from an empty results cache)
+	$(ENV) test -f $(COLD_CHAPTER) || { echo "missing $(COLD_CHAPTER)"; exit 1; }; \
+	  cold=$$(mktemp -d); trap 'rm -rf "$$cold"' EXIT; COURSE_LIB_RESULTS_CACHE=$$cold $(NBVAL) $(COLD_CHAPTER)
 
 test-site:
 	$(call phase,site tests: the built book in headless Chromium)

@@ -71,7 +71,9 @@ def ranks_of(log_probs: torch.Tensor, gold: torch.Tensor, allowed: torch.Tensor 
     """1-based rank of each gold id among the allowed ids (ties count against the gold answer)."""
     scores = log_probs if allowed is None else log_probs.masked_fill(~allowed, -math.inf)
     gold_score = scores.gather(1, gold[:, None])
-    return (scores > gold_score).sum(dim=1) + 1
+    # Count every id scoring at least as high as the gold one, itself included: a tie is no hit
+    # (a model that gives many answers the same score must not be credited with P@1).
+    return (scores >= gold_score).sum(dim=1)
 
 
 def answer_form_template(lm: ClozeLM, prompts: Sequence[EncodedPrompt]) -> Template:

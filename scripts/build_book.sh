@@ -5,6 +5,8 @@
 #   CLEAN=1 bash scripts/build_book.sh    # from an empty _build: re-executes every notebook (CI)
 #   BOOK_BUDGET=gpu bash scripts/build_book.sh   # budget for the chapters' parameters (default: ci);
 #                                                # a change of budget re-executes every notebook
+# The chapters are executed by scripts/execute_book.sh (papermill) into _build/executed/, and the
+# site is built from those executed notebooks (execution off in a staged copy of the sources).
 #
 # Needs: node + npm (npm registry reachable, or a warm ~/.npm cache), and the Python packages of
 # `pip install -e .[book]` (an active virtualenv, else ./.venv is activated if it exists).
@@ -13,7 +15,8 @@
 #   2. copy RequireJS, @jupyter-widgets/html-manager (embed-amd.js + its icon fonts), MathJax 3
 #      (es5/) and book/_ext/widgets-offline.js into _build/.offline_static/offline/, the static
 #      folder that _config.yml serves (it lands in _build/html/_static/offline/)
-#   3. jupyter-book build . -W -n --keep-going
+#   3. papermill: execute the chapters into _build/executed/ (scripts/execute_book.sh)
+#   4. jupyter-book build of a staged copy with the executed notebooks, -W -n --keep-going
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,18 +40,7 @@ if [[ "${CLEAN:-0}" == "1" ]]; then
   rm -rf "$ROOT/_build"
 fi
 
-# jupyter-cache keys executed notebooks on their code only, not on BOOK_BUDGET (which the
-# notebooks read): when the budget differs from the last build's, drop cached executions and
-# doctrees so that every chapter runs again at the new budget.
-BUDGET_STAMP="$ROOT/_build/.book_budget"
-previous_budget=""   # builds without a stamp ran at the default budget
-[[ -f "$BUDGET_STAMP" ]] && previous_budget="$(cat "$BUDGET_STAMP")"
-if [[ -d "$ROOT/_build/.jupyter_cache" && "$previous_budget" != "${BOOK_BUDGET:-}" ]]; then
-  echo "==> BOOK_BUDGET changed ('$previous_budget' -> '${BOOK_BUDGET:-}'): clearing executed notebooks"
-  rm -rf "$ROOT/_build/.jupyter_cache" "$ROOT/_build/jupyter_execute" "$ROOT/_build/.doctrees" "$ROOT/_build/html"
-fi
 mkdir -p "$ROOT/_build"
-printf '%s' "${BOOK_BUDGET:-}" > "$BUDGET_STAMP"
 
 # npm ci wipes and reinstalls node_modules (~15 s): skip it when node_modules already matches
 # package-lock.json (stamp written below), except for CLEAN=1 builds.
@@ -87,9 +79,28 @@ for f in "$OFF/requirejs/require.js" "$OFF/widgets-offline.js" "$OFF/html-manage
   [[ -s "$f" ]] || { echo "ERROR: missing $f" >&2; exit 1; }
 done
 
+echo "==> executing the chapters with papermill (BOOK_BUDGET=${BOOK_BUDGET:-ci})"
+bash "$ROOT/scripts/execute_book.sh"
+
+# The site is built from the executed notebooks: a staging copy of the book's sources in which
+# each chapter is replaced by its executed version, built with execution turned off.
+STAGE="$ROOT/_build/stage"
+echo "==> staging the executed notebooks in ${STAGE#"$ROOT"/}"
+rm -rf "$STAGE"
+mkdir -p "$STAGE/_build"
+cp -R "$ROOT/book" "$STAGE/book"
+cp -R "$ROOT/_build/executed/book/." "$STAGE/book/"
+find "$STAGE/book" -name '*.partial.ipynb' -delete
+cp "$ROOT/_toc.yml" "$STAGE/_toc.yml"
+sed 's/^\(  *execute_notebooks:\).*/\1 "off"/' "$ROOT/_config.yml" > "$STAGE/_config.yml"
+grep -q 'execute_notebooks: "off"' "$STAGE/_config.yml" || { echo "ERROR: could not turn execution off in the staged _config.yml" >&2; exit 1; }
+ln -s "$STATIC" "$STAGE/_build/.offline_static"
+
 echo "==> jupyter-book build (strict)"
 build_start=$(date +%s)
-jupyter-book build "$ROOT" -W -n --keep-going
+jupyter-book build "$STAGE" -W -n --keep-going
+rm -rf "$ROOT/_build/html"
+mv "$STAGE/_build/html" "$ROOT/_build/html"
 end=$(date +%s)
 
 INDEX="$ROOT/_build/html/index.html"

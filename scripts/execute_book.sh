@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Execute every chapter listed in _toc.yml with papermill at BOOK_BUDGET (default ci) into
+# _build/executed/<same path>.ipynb, and print how long each took. The site is built from these
+# executed notebooks (scripts/build_book.sh) and nbval re-runs them (make test-notebooks).
+#
+# A chapter is re-executed only when its source is newer than its executed copy or the budget
+# changed; expensive results inside chapters are cached on disk anyway (course_lib.experiments).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+BUDGET="${BOOK_BUDGET:-ci}"
+OUT="$ROOT/_build/executed"
+mkdir -p "$OUT"
+stamp="$OUT/.budget"
+if [[ -f "$stamp" && "$(cat "$stamp")" != "$BUDGET" ]]; then
+  echo "==> budget changed ($(cat "$stamp") -> $BUDGET): re-executing every chapter"
+  rm -rf "$OUT"; mkdir -p "$OUT"
+fi
+printf '%s' "$BUDGET" > "$stamp"
+
+mapfile -t notebooks < <(python - <<'PY'
+import yaml
+from pathlib import Path
+toc = yaml.safe_load(Path("_toc.yml").read_text())
+def walk(node):
+    if isinstance(node, dict):
+        if "file" in node:
+            yield node["file"]
+        for key in ("parts", "chapters", "sections"):
+            for child in node.get(key, []) or []:
+                yield from walk(child)
+for f in walk(toc):
+    if Path(f + ".ipynb").is_file():
+        print(f + ".ipynb")
+PY
+)
+times="$OUT/times.tsv"
+: > "$times.new"
+for nb in "${notebooks[@]}"; do
+  dest="$OUT/$nb"
+  mkdir -p "$(dirname "$dest")"
+  if [[ -f "$dest" && "$dest" -nt "$nb" ]]; then
+    echo "==> $nb: up to date"
+    grep -P "^\Q$nb\E\t" "$times" >> "$times.new" 2>/dev/null || true
+    continue
+  fi
+  echo "==> executing $nb (BUDGET=$BUDGET)"
+  start=$(date +%s)
+  # Written next to the final path and renamed: an interrupted run never leaves a half-executed
+  # notebook that a later build would take for a finished one.
+  BOOK_BUDGET="$BUDGET" papermill "$nb" "$dest.partial.ipynb" -p BUDGET "$BUDGET" -k python3 \
+    --cwd "$(dirname "$nb")" --log-level WARNING --no-progress-bar
+  mv "$dest.partial.ipynb" "$dest"
+  printf '%s\t%s\n' "$nb" "$(( $(date +%s) - start ))" >> "$times.new"
+done
+mv "$times.new" "$times"
+echo "==> execution time per chapter (seconds, budget $BUDGET):"
+column -t "$times" || cat "$times"
