@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--max-facts", type=int, help="use only the first N facts of each relation")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--resume", action="store_true", help="keep the relations already in --out and probe only the rest")
 
     t = sub.add_parser("tune", help="train a soft prompt (or a mixture) and evaluate it on test")
     _common(t)
@@ -140,10 +141,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "probe":
         from .probing import probe
 
+        from .data import check_relations
+
         spaces = [a.strip() for a in args.answer_space.split(",")]
-        table = probe(lm, args.dataset, relations, args.prompts, args.split, args.method, spaces,
-                      args.batch_size, args.max_facts)
-        _print_result(table, _default_out(args, f"probe-{args.prompts}-{args.method}"))
+        out = _default_out(args, f"probe-{args.prompts}-{args.method}")
+        done = pd.read_csv(out) if args.resume and out.is_file() else pd.DataFrame()
+        tables = [done]
+        for rel in check_relations(args.dataset, relations):
+            if len(done) and rel in set(done["relation"]):
+                print(f"{rel}: already in {out} (--resume)")
+                continue
+            tables.append(probe(lm, args.dataset, [rel], args.prompts, args.split, args.method, spaces,
+                                args.batch_size, args.max_facts, progress=False))
+            # Written after every relation, so an interrupted run loses at most one relation.
+            write_table(pd.concat(tables, ignore_index=True), out)
+            print(f"{rel}: done ({len(tables) - 1} relations this run)", flush=True)
+        _print_result(pd.concat(tables, ignore_index=True), out)
     elif args.command == "tune":
         table = _tune(lm, args, relations)
         _print_result(table, _default_out(args, "tune"))
