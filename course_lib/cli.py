@@ -209,7 +209,7 @@ def _tune(lm, args: argparse.Namespace, relations: list[str] | None) -> pd.DataF
             print(f"{rel}: resumed from the checkpoint of epoch {result.resumed_from + 1} ({ckpt})")
         scored = score_facts(lm, templates, test, log_weights=result.log_weights, perturbation=result.soft.perturbation,
                              allowed=allowed, data_dependent=config.data_dependent)
-        rows.append(make_row(key, counts_of(scored, len(test)), scored.metrics(), best_epoch=result.best_epoch,
+        rows.append(make_row(lm, key, counts_of(scored, len(test)), scored.metrics(), best_epoch=result.best_epoch,
                              best_dev_p_at_1=result.best_dev_p1, effective_prompts=effective_prompts(result.log_weights),
                              seed=args.seed, checkpoint=str(ckpt)))
         print(f"{rel}: best dev P@1 {result.best_dev_p1:.3f} at epoch {result.best_epoch + 1}; checkpoint {ckpt}")

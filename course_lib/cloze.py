@@ -99,8 +99,9 @@ class Perturbation(Protocol):
 class ClozeLM:
     """A frozen language model asked to fill one blank. See the module docstring."""
 
-    def __init__(self, model: nn.Module, tokenizer, family: Family | str, name: str = "model") -> None:
+    def __init__(self, model: nn.Module, tokenizer, family: Family | str, name: str = "model", revision: str = "unknown") -> None:
         self.model = model.eval()
+        self.revision = revision  # which weights exactly: a package version and checksum, or a hub commit
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer

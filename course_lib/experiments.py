@@ -158,7 +158,7 @@ def run_rung(
     extra: dict[str, Any] = {"budget": budget_name, "seed": config.seed, "templates": json.dumps([t.text for t in templates])}
     if not templates:
         empty = score_facts(lm, load_prompts(r.prompt_set, dataset, relation)[:1], test)
-        return make_row(row_key, counts_of(empty, len(test)), empty.metrics(), **extra)
+        return make_row(lm, row_key, counts_of(empty, len(test)), empty.metrics(), **extra)
     allowed = answer_mask(lm, answer_space, dataset, relation, templates)
     if r.tuned:
         train = take(load_facts(dataset, relation, "train"), b.max_train)
@@ -178,7 +178,7 @@ def run_rung(
     else:
         scored = score_facts(lm, templates, test, allowed=allowed, batch_size=b.batch_size * 2)
     extra["seconds"] = time.perf_counter() - t0
-    row = make_row(row_key, counts_of(scored, len(test)), scored.metrics(), **extra)
+    row = make_row(lm, row_key, counts_of(scored, len(test)), scored.metrics(), **extra)
     if use_cache:
         _write_cached(cache_path, row)
     return row

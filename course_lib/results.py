@@ -45,8 +45,11 @@ def provenance() -> dict[str, str]:
     }
 
 
-def make_row(key: dict[str, Any], scored_counts: dict[str, Any], metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
+def make_row(lm, key: dict[str, Any], scored_counts: dict[str, Any], metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
+    """A results row: the key columns, counts, metrics, extras, and where it came from (model, device, code)."""
     row = {c: key.get(c, "") for c in KEY_COLUMNS}
+    row["model_revision"] = lm.revision
+    row["device"] = str(lm.device)
     row.update(scored_counts)
     row.update(metrics)
     row.update(extra)
