@@ -11,6 +11,7 @@ distribution is the weighted mixture of the K prompts' distributions over the an
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
@@ -175,25 +176,42 @@ def score_facts_in_spaces(
     # Similar lengths together: less padding; results are written back in the original order.
     order = sorted(range(len(scorable)), key=lambda i: len(scorable[i][0].subject))
     per_batch = max(1, batch_size // len(usable))
-    steps = range(0, len(order), per_batch)
-    bar = tqdm(steps, desc=progress if isinstance(progress, str) else "scoring", disable=not progress, leave=False)
-    for start in bar:
+    bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "scoring", disable=not progress, leave=False)
+    start = 0
+    while start < len(order):
         idx = order[start : start + per_batch]
-        subjects = [scorable[i][0].subject for i in idx for _ in usable]
-        which = [k for _ in idx for k in usable]
-        batch = lm.build_batch(prompts, subjects, which)
-        logp = lm.blank_log_probs(batch, perturbation).view(len(idx), len(usable), -1)
-        weights = lw.to(logp.device)[None, :]
-        if data_dependent:
-            subject_ll = lm.subject_log_likelihood(batch, perturbation).view(len(idx), len(usable))
-            weights = data_dependent_log_weights(weights, subject_ll)
-        mix = torch.logsumexp(logp + weights[:, :, None], dim=1).cpu()
+        try:
+            mix = _mixture_log_probs(lm, prompts, usable, [scorable[i][0].subject for i in idx], lw, perturbation, data_dependent)
+        except torch.OutOfMemoryError:
+            if per_batch == 1:
+                raise
+            per_batch = max(1, per_batch // 2)
+            warnings.warn(f"out of memory on {lm.device}: scoring {per_batch} facts per batch from now on "
+                          "(pass a smaller batch_size to avoid this)", RuntimeWarning, stacklevel=2)
+            if lm.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        start += len(idx)
+        bar.update(len(idx))
         for name, mask in spaces.items():
             ranks[name][idx] = ranks_of(mix, gold_t[idx], mask)
             masked = mix if mask is None else mix.masked_fill(~mask, -math.inf)
             top10[name][idx] = masked.topk(10, dim=1).indices
+    bar.close()
     out = {}
     for name in spaces:
         sel = torch.tensor(members[name], dtype=torch.long)
         out[name] = Scored([scorable[i][0] for i in members[name]], gold_t[sel], ranks[name][sel], top10[name][sel], dropped[name])
     return out
+
+
+def _mixture_log_probs(lm: ClozeLM, prompts: Sequence[EncodedPrompt], usable: list[int], subjects: list[str],
+                       log_weights: torch.Tensor, perturbation: Perturbation | None, data_dependent: bool) -> torch.Tensor:
+    """log sum_k pi_k p_k(. | subject) over the vocabulary, [B, V]: all K prompts in one forward pass."""
+    batch = lm.build_batch(prompts, [s for s in subjects for _ in usable], [k for _ in subjects for k in usable])
+    logp = lm.blank_log_probs(batch, perturbation).view(len(subjects), len(usable), -1)
+    weights = log_weights.to(logp.device)[None, :]
+    if data_dependent:
+        subject_ll = lm.subject_log_likelihood(batch, perturbation).view(len(subjects), len(usable))
+        weights = data_dependent_log_weights(weights, subject_ll)
+    return torch.logsumexp(logp + weights[:, :, None], dim=1).cpu()

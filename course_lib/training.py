@@ -78,6 +78,31 @@ def gold_log_probs(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str], gold:
     return logp.gather(2, g).squeeze(2), subject_ll
 
 
+def _accumulate_gradients(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str], gold: torch.Tensor,
+                          log_weights: torch.Tensor, data_dependent: bool, chunk: int) -> tuple[float, torch.Tensor]:
+    """Backpropagate the batch's responsibility-weighted log-loss, ``chunk`` facts per forward pass.
+
+    Chunks add up to exactly the whole batch's gradient (each is scaled by its share of the
+    batch), so a smaller chunk after an out-of-memory error changes memory, not results.
+    Returns the batch's mean loss and its responsibilities [B, K].
+    """
+    K, B = len(soft.prompts), len(subjects)
+    total, resps = 0.0, []
+    for lo in range(0, B, chunk):
+        logp, subject_ll = gold_log_probs(lm, soft, subjects[lo : lo + chunk], gold[lo : lo + chunk], list(range(K)), data_dependent)
+        prior = log_weights[None, :].to(logp.device)
+        if subject_ll is not None:
+            prior = data_dependent_log_weights(prior, subject_ll.detach())
+        r = responsibilities(prior, logp.detach()) if K > 1 else torch.ones_like(logp)
+        loss = -(r * logp).sum() / B
+        if not torch.isfinite(loss):
+            return math.nan, r.detach()
+        loss.backward()
+        total += loss.item()
+        resps.append(r.detach())
+    return total, torch.cat(resps)
+
+
 def _identity(lm: ClozeLM, templates: Sequence[Template], config: TuneConfig) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: model, templates and the result-deciding config."""
     cfg = asdict(config)
@@ -179,6 +204,7 @@ def tune(
         start_epoch = meta["epoch"] + 1
         result.resumed_from = meta["epoch"]
     stale = sum(1 for h in result.history if h["epoch"] > result.best_epoch)
+    chunk = config.batch_size  # facts per forward pass; halved on out-of-memory errors
     for epoch in range(start_epoch, config.epochs):
         if stale >= config.patience:
             break
@@ -192,21 +218,28 @@ def tune(
             idx = order[start : start + config.batch_size]
             subjects = [pairs[i][0] for i in idx]
             gold = torch.tensor([pairs[i][1] for i in idx])
-            logp, subject_ll = gold_log_probs(lm, soft, subjects, gold, list(range(K)), config.data_dependent)
-            prior = log_weights[None, :].to(logp.device)
-            if subject_ll is not None:
-                prior = data_dependent_log_weights(prior, subject_ll.detach())
-            r = responsibilities(prior, logp.detach()) if K > 1 else torch.ones_like(logp)
-            loss = -(r * logp).sum(1).mean()
-            if not torch.isfinite(loss):
+            opt.zero_grad(set_to_none=True)
+            while True:
+                try:
+                    loss, r = _accumulate_gradients(lm, soft, subjects, gold, log_weights, config.data_dependent, chunk)
+                    break
+                except torch.OutOfMemoryError:
+                    if chunk == 1:
+                        raise
+                    opt.zero_grad(set_to_none=True)
+                    chunk = max(1, chunk // 2)
+                    warnings.warn(f"out of memory on {lm.device}: processing each batch of {config.batch_size} in "
+                                  f"pieces of {chunk} (same gradients; pass a smaller batch_size to avoid this)",
+                                  RuntimeWarning, stacklevel=2)
+                    if lm.device.type == "cuda":
+                        torch.cuda.empty_cache()
+            if not math.isfinite(loss):
                 nan = True
                 break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             opt.step()
-            resp_sum += r.detach().sum(0).cpu()
+            resp_sum += r.sum(0).cpu()
             seen += len(idx)
-            loss_sum += loss.item() * len(idx)
+            loss_sum += loss * len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
         if nan:
             with torch.no_grad():

@@ -159,7 +159,7 @@ def test_every_trex_prompt_set_loads(shared, dataset):
     for ps in ("lpaqa-mine", "lpaqa-paraphrase"):
         assert len(found[ps]) > 5
         assert all(isinstance(t.weight, float) and t.weight > 0 for t in found[ps])
-        assert found[ps][0].source.endswith(f"P19.jsonl:1")
+        assert found[ps][0].source.endswith("P19.jsonl:1")
     assert found["lpaqa-mine"][0].text == "[X] was born in [Y] ."
     assert found["lpaqa-mine"][0].weight == pytest.approx(0.003614419372752309)
     manual = found["lpaqa-manual"]

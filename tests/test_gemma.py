@@ -1,4 +1,4 @@
-"""The real Gemma-3-270M from its pip package knows some facts (slow: run with `-m gemma`)."""
+"""The real Gemma-3-270M from its pip package knows some facts (slow; leave out with `-m "not gemma"`)."""
 
 from __future__ import annotations
 
