@@ -135,13 +135,16 @@ def check_relations(dataset: str, wanted: list[str] | None) -> list[str]:
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-empty line; a bad line raises DataError naming file and line.
 
-    Reads with utf-8-sig so that a BOM is ignored; universal newlines take CRLF files as they are.
+    Reads with utf-8-sig so that a BOM is ignored; CRLF line ends are accepted.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" (an optional "\r" before it is dropped): str.splitlines would also split
+    # at characters such as \x1e or \u2028 inside a value and number the lines wrongly.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -204,7 +207,7 @@ def read_templates(path: Path) -> list[Template]:
     """Templates from a jsonl file ({"template": ..., "weight"?: ...}) or a plain text file, one a line."""
     out: list[Template] = []
     if path.suffix == ".txt":
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # numbered as read_jsonl numbers them
         records = [(n, {"template": line.strip()}) for n, line in enumerate(lines, 1) if line.strip()]
     else:
         records = list(read_jsonl(path))
