@@ -32,6 +32,27 @@ def _spaces(text: str) -> str:
     return text
 
 
+# Checked by argparse, so that a malformed value is reported with the option's name, not as a
+# bare int() error from deep inside the command.
+def _mixture(text: str) -> str:
+    if text.lower() in ("k", "all") or (text.isdigit() and int(text) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"expected 1, a number of templates K >= 1, or K/all; got {text!r}")
+
+
+def _depth(text: str) -> str:
+    if text == "all" or text.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"expected a layer number (0 = input embeddings only) or 'all'; got {text!r}")
+
+
+def _shard(text: str) -> str:
+    i, sep, n = text.partition("/")
+    if sep and i.isdigit() and n.isdigit() and int(i) < int(n):
+        return text
+    raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, e.g. 0/4; got {text!r}")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name or hub id (default {DEFAULT_MODEL}; `models` lists them)")
     p.add_argument("--dataset", default="trex_original", choices=DATASETS, help="which facts (default trex_original)")
@@ -61,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(t)
     t.add_argument("--init", default="lama", choices=["lama", "random", "lpaqa-mine", "lpaqa-paraphrase"],
                    help="start from LAMA's template, random vectors in its shape, or LPAQA's templates")
-    t.add_argument("--mixture", default="1", help="1 (one prompt), a number K, or K/all for every template of the set")
-    t.add_argument("--depth", default="0", help="0: soft prompt at the input; all: every layer (deep perturbation); or a number")
+    t.add_argument("--mixture", default="1", type=_mixture, help="1 (one prompt), a number K, or K/all for every template of the set")
+    t.add_argument("--depth", default="0", type=_depth, help="0: soft prompt at the input; all: every layer (deep perturbation); or a number")
     t.add_argument("--data-dependent", action="store_true", help="mixture weights that also depend on the subject")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--lr", type=float, default=3e-3)
@@ -78,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r)
     r.add_argument("--grid", default="paper", choices=["paper"])
     r.add_argument("--budget", default="ci", choices=["ci", "laptop", "gpu"], help="ci: minutes on CPU; laptop; gpu: everything")
-    r.add_argument("--shard", default="0/1", help="i/n: run every n-th job starting at i (for job arrays); merge the tables after")
+    r.add_argument("--shard", default="0/1", type=_shard, help="i/n: run every n-th job starting at i (for job arrays); merge the tables after")
     r.add_argument("--checkpoints", default="runs")
 
     m = sub.add_parser("merge", help="merge shard tables of `reproduce` into one")

@@ -110,6 +110,10 @@ def _identity(lm: ClozeLM, templates: Sequence[Template], config: TuneConfig) ->
     return {"model": lm.name, "templates": [t.text for t in templates], "config": cfg}
 
 
+_CHECKPOINT_TENSORS = ("offsets", "log_weights", "best.offsets", "best.log_weights")
+_CHECKPOINT_FIELDS = ("epoch", "history", "best_epoch", "best_dev_p1")
+
+
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write atomically: a kill during the write leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,8 +140,10 @@ def _optimizer_tensors(opt: torch.optim.Adam) -> dict[str, torch.Tensor]:
     state = opt.state_dict()["state"].get(0)
     if not state:
         return {}
-    return {"adam.step": torch.as_tensor(state["step"], dtype=torch.float32).reshape(1),
-            "adam.exp_avg": state["exp_avg"], "adam.exp_avg_sq": state["exp_avg_sq"]}
+    # Copies, not views: Adam updates step and moments in place, and the snapshot taken at an
+    # epoch's start must still hold that state when a NaN epoch is rolled back.
+    return {"adam.step": torch.as_tensor(state["step"], dtype=torch.float32).reshape(1).clone(),
+            "adam.exp_avg": state["exp_avg"].clone(), "adam.exp_avg_sq": state["exp_avg_sq"].clone()}
 
 
 def _restore_optimizer(opt: torch.optim.Adam, tensors: dict[str, torch.Tensor]) -> None:
@@ -192,6 +198,11 @@ def tune(
         if meta.get("identity") != identity:
             raise CheckpointError(f"{path} was written for another run ({_difference(meta.get('identity'), identity)}); "
                                   "use another checkpoint path or delete it")
+        # A readable file with the right identity can still lack parts (a hand edit, an older writer):
+        # refuse it by name rather than fail on a KeyError halfway through restoring.
+        missing = [k for k in _CHECKPOINT_TENSORS if k not in tensors] + [k for k in _CHECKPOINT_FIELDS if k not in meta]
+        if missing:
+            raise CheckpointError(f"{path}: an incomplete checkpoint (no {', '.join(missing)}); delete it to start over")
         if tensors["offsets"].shape != soft.offsets.shape:
             raise CheckpointError(f"{path}: offsets of shape {tuple(tensors['offsets'].shape)}, expected {tuple(soft.offsets.shape)}")
         with torch.no_grad():

@@ -161,8 +161,16 @@ def test_a_nan_loss_rolls_the_epoch_back_and_training_goes_on(monkeypatch: pytes
         return logp, subject_ll
 
     rec = Recorder()
+    saved: list[dict[str, torch.Tensor]] = []
+    real_save = training.save_checkpoint
+
+    def save(path, tensors, meta):
+        saved.append({k: v.detach().clone() for k, v in tensors.items()})
+        real_save(path, tensors, meta)
+
     monkeypatch.setattr(training, "gold_log_probs", flaky)
     monkeypatch.setattr(training, "score_facts", rec)
+    monkeypatch.setattr(training, "save_checkpoint", save)
     ckpt = tmp_path / "run.safetensors"
     with pytest.warns(RuntimeWarning, match="NaN"):
         result = run(TuneConfig(epochs=3, lr=0.05, batch_size=8, patience=5), checkpoint=ckpt)
@@ -173,8 +181,12 @@ def test_a_nan_loss_rolls_the_epoch_back_and_training_goes_on(monkeypatch: pytes
     # ... and the next epoch trains again, from a rolled-back optimizer as well.
     assert not torch.equal(rec.offsets[2], rec.offsets[1])
     assert all(torch.isfinite(o).all() for o in rec.offsets)
+    # Adam's step count and moments are rolled back with the offsets.
+    assert [int(t["adam.step"]) for t in saved] == [per_epoch, per_epoch, 2 * per_epoch]
+    for key in ("adam.exp_avg", "adam.exp_avg_sq", "offsets", "log_weights"):
+        assert torch.equal(saved[1][key], saved[0][key]), key
     tensors, _ = load_checkpoint(ckpt)
-    assert int(tensors["adam.step"]) == 2 * per_epoch
+    assert torch.equal(tensors["adam.exp_avg"], saved[2]["adam.exp_avg"])
 
 
 # ---------------------------------------------------------------------------------------- checkpoints and resume

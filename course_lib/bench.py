@@ -1,0 +1,1009 @@
+"""Benchmarks: how fast course_lib evaluates and trains, side by side with the obvious baselines.
+
+Five benchmarks, each a function that returns a dict of raw numbers and prints a short table:
+
+1. ``eval_throughput``: facts/s for P@1 with ``evaluation.score_facts`` against a naive loop (one
+   forward pass per fact, logits at every position) and, for masked LMs, transformers'
+   ``pipeline("fill-mask")``; plus the share of the machine's fp32 matmul peak that ours reaches
+   counting useful FLOPs only, and where its time goes (attention, MLP, vocabulary projection,
+   Python);
+2. ``train_step``: one prompt-tuning step (``training.gold_log_probs`` + Adam, as in ``tune``)
+   against Hugging Face PEFT's prompt tuning, in steps/s and peak memory, one subprocess each;
+3. ``mixtures``: time per epoch for K prompts trained together, against K times one prompt's;
+4. ``depth``: time per step from a soft prompt (depth 0) to a deep perturbation (every layer);
+5. ``scale``: facts/s and peak memory of evaluation at several batch sizes.
+
+Timings on a shared machine drift by large factors from minute to minute, so a baseline is always
+measured in the same run as ours, its repeats interleaved with ours, after warm-up; the tables
+give medians and their ratios, and the ratios are what to read. ``run_all`` runs everything and
+writes a markdown report, a PNG and the raw numbers as JSON (``python -m course_lib bench``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .cloze import ClozeLM, Family
+from .data import Fact, load_facts, load_prompts
+from .evaluation import answer_form_template, score_facts
+from .mixture import m_step_weights, responsibilities
+from .models import DEFAULT_MODEL, choose_device, load_model
+from .soft_prompts import SoftPrompt, resolve_depth
+from .templates import Template
+from .training import gold_log_probs
+
+DATASET = "trex_original"
+DEFAULT_RELATION = "P36"  # capital of: 703 test facts, 30 LPAQA paraphrases all with [X] before [Y], and Gemma knows some
+MASKED_STANDIN = "bert-base-random"  # BERT-base shape, random weights, the tiny-bert tokenizer: no hub needed
+MIXTURE_PROMPT_SET = "lpaqa-paraphrase"  # LPAQA's mined sets stop at 29 templates a relation; these reach 30
+_RESULT_MARKER = "BENCH_RESULT "
+
+# Sizes for the full run and the smoke run (--quick).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "full": dict(repeats=3, warmup=1, matmul_sizes=(1024, 2048), eval_facts=256, eval_batch=32,
+                 train_batch=16, train_steps=5, mix_ks=(1, 5, 10, 30), mix_facts=16, mix_batch=16,
+                 depths=(0, 1, 6, 12, "all"), depth_batch=16, scale_sizes=(1, 4, 16, 64, 256), scale_facts=128),
+    "quick": dict(repeats=2, warmup=1, matmul_sizes=(1024, 2048), eval_facts=16, eval_batch=32,
+                  train_batch=16, train_steps=2, mix_ks=(1, 5, 10, 30), mix_facts=2, mix_batch=2,
+                  mix_warmup=0, depths=(0, 1, 6, 12, "all"), depth_batch=4, scale_sizes=(1, 4, 16), scale_facts=16),
+}
+
+GOALS = {
+    "eval_speedup": 5.0,  # ours / naive facts/s on Gemma-3-270M, CPU
+    "eval_efficiency": 0.60,  # useful GFLOP/s / matmul peak GFLOP/s
+    "train_speedup": 3.0,  # PEFT step time / ours
+}
+GOAL_MODEL = DEFAULT_MODEL
+
+
+# ============================================================================ measuring
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1, device: torch.device | None = None,
+            warmup_fns: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[float]]:
+    """Wall seconds of each function, ``repeats`` times, after ``warmup`` untimed calls each.
+
+    The functions take turns within each repeat (ours, baseline, ours, baseline, ...), so a slow
+    minute on a shared machine slows every variant alike instead of whichever ran then.
+    ``warmup_fns`` replaces a function by a cheaper one for the warm-up (a slow loop warms up on a
+    few items as well as on all of them).
+    """
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            (warmup_fns or {}).get(name, fn)()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if len(xs) else math.nan
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
+
+
+class MemoryMeter:
+    """Peak memory since the last ``reset``: RSS on CPU (Linux: VmHWM, reset via clear_refs), CUDA allocator on GPU."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.kind = "peak CUDA memory allocated" if self.device.type == "cuda" else "peak RSS"
+        self.resettable = self.device.type == "cuda"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:  # "5": reset the peak RSS to the current RSS
+                fh.write("5")
+            self.resettable = True
+        except OSError:
+            self.resettable = False  # then peak_mib is the process's peak so far
+
+    def current_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        status = _proc_status()
+        if "VmRSS" in status:
+            return status["VmRSS"]
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss / 2**20
+        except ImportError:
+            return math.nan
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        status = _proc_status()
+        if self.resettable and "VmHWM" in status:
+            return status["VmHWM"]
+        return max_rss_mib()
+
+
+def _proc_status() -> dict[str, float]:
+    """VmRSS / VmHWM of this process in MiB (empty where /proc is missing)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) / 1024  # kB
+    except OSError:
+        pass
+    return out
+
+
+def max_rss_mib() -> float:
+    """The process's peak RSS since it started (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    device = device or choose_device()
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def matmul_peak(sizes: Sequence[int] = (1024, 2048), repeats: int = 3, device: torch.device | None = None) -> dict[str, Any]:
+    """The machine's fp32 matmul rate now: GFLOP/s of torch.matmul on square matrices (median of all)."""
+    device = device or choose_device()
+    samples: dict[int, list[float]] = {}
+    for n in sizes:
+        g = torch.Generator().manual_seed(n)
+        a = torch.randn(n, n, generator=g).to(device)
+        b = torch.randn(n, n, generator=g).to(device)
+        times = measure({"mm": lambda: torch.matmul(a, b)}, repeats=repeats, warmup=1, device=device)["mm"]
+        samples[n] = [2 * n**3 / t / 1e9 for t in times]
+    flat = [x for xs in samples.values() for x in xs]
+    return {"gflops": median(flat), "samples": {str(n): xs for n, xs in samples.items()}}
+
+
+def _merge_peaks(*peaks: dict[str, Any]) -> dict[str, Any]:
+    samples: dict[str, list[float]] = {}
+    for p in peaks:
+        for n, xs in p["samples"].items():
+            samples.setdefault(n, []).extend(xs)
+    flat = [x for xs in samples.values() for x in xs]
+    return {"gflops": median(flat), "samples": samples}
+
+
+# ============================================================================ models and facts
+def load_bench_model(name: str = DEFAULT_MODEL, device: str | None = None) -> ClozeLM:
+    """A registered model, or ``bert-base-random``: BertForMaskedLM(BertConfig()) with random
+    weights and the tiny-bert tokenizer, a stand-in for BERT-base where the hub is out of reach."""
+    if name != MASKED_STANDIN:
+        return load_model(name, device=device)
+    import transformers
+
+    from .testing import tiny_model
+
+    _, tokenizer = tiny_model("tiny-bert")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.BertForMaskedLM(transformers.BertConfig(attn_implementation="sdpa"))
+    model.to(choose_device(device))
+    return ClozeLM(model, tokenizer, Family.MASKED, name=MASKED_STANDIN, revision="random weights, seed 0")
+
+
+def first_template(lm: ClozeLM, relation: str = DEFAULT_RELATION, dataset: str = DATASET) -> Template:
+    """LAMA's manual template of the relation (it must be one the model can answer)."""
+    template = load_prompts("lama", dataset, relation)[0]
+    if not lm.covers(template):
+        raise ValueError(f"{relation}'s LAMA template {template.text!r} puts the blank before the subject: "
+                         f"{lm.name} cannot answer it; pick another relation")
+    return template
+
+
+def bench_facts(lm: ClozeLM, template: Template, n: int, relation: str = DEFAULT_RELATION, dataset: str = DATASET,
+                splits: Sequence[str] = ("test", "dev", "train")) -> tuple[list[Fact], int]:
+    """``n`` facts of the relation whose object is one token (so that every variant scores them all).
+
+    A tiny test tokenizer spells few real objects as one token; the other facts then get a one-token
+    object (the subject and hence the token count stay real). Returns (facts, how many were remapped).
+    Facts repeat if the relation has fewer than ``n``.
+    """
+    pool = [f for s in splits for f in load_facts(dataset, relation, s)]
+    good = [f for f in pool if lm.answer_id(f.object, template) is not None]
+    remapped = 0
+    if len(good) < n:
+        from .testing import SINGLE_TOKEN_WORDS
+
+        words = [w for w in SINGLE_TOKEN_WORDS if lm.answer_id(w, template) is not None]
+        if not words:
+            raise ValueError(f"{lm.name}: no one-token object to benchmark with")
+        rest = [f for f in pool if lm.answer_id(f.object, template) is None]
+        extra = [Fact(f.subject, words[i % len(words)]) for i, f in enumerate(rest[: n - len(good)])]
+        remapped = len(extra)
+        good += extra
+    while len(good) < n:
+        good += good[: n - len(good)]
+    return good[:n], remapped
+
+
+def non_embedding_params(model: torch.nn.Module) -> int:
+    """Parameters outside the token/position embeddings and the output (vocabulary) projection."""
+    skip = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False)}
+    out = model.get_output_embeddings()
+    if out is not None:
+        skip |= {id(p) for p in out.parameters(recurse=False)}
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in skip and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def useful_flops(lm: ClozeLM, template: Template, facts: Sequence[Fact]) -> tuple[float, int]:
+    """(FLOPs, real tokens): 2 x non-embedding params x real tokens + 2 x hidden x vocab per fact.
+
+    Real tokens: the unpadded tokens ours feeds the model (a causal LM's input stops at the blank).
+    Attention's own FLOPs, padding and logits nobody reads are not counted: this is work any
+    implementation must do, so FLOPs / time measures how close to the machine's peak it gets.
+    """
+    batch = lm.build_batch([lm.encode_prompt(template)], [f.subject for f in facts])
+    # BART: every token goes through the encoder and the decoder, whose parameters together make
+    # non_embedding_params, so the same formula holds.
+    tokens = int(batch.attention_mask.sum())
+    flops = 2.0 * non_embedding_params(lm.model) * tokens + 2.0 * lm.hidden_size * lm.vocab_size * len(facts)
+    return flops, tokens
+
+
+# ============================================================================ baselines
+def _masked_text(lm: ClozeLM, template: Template, subject: str) -> str:
+    return template.fill(subject, lm.tokenizer.mask_token)
+
+
+def _causal_prefix(template: Template, subject: str) -> str:
+    return template.text[: template.text.index("[Y]")].rstrip().replace("[X]", subject)
+
+
+@torch.no_grad()
+def naive_p_at_1(lm: ClozeLM, template: Template, facts: Sequence[Fact]) -> float:
+    """The obvious loop: tokenize one sentence, run the stock model (logits at every position), read the blank."""
+    model, tok, device = lm.model, lm.tokenizer, lm.device
+    hits = 0
+    for f in facts:
+        gold = lm.answer_id(f.object, template)
+        if lm.family is Family.CAUSAL:
+            enc = tok(_causal_prefix(template, f.subject), return_tensors="pt").to(device)
+            logits = model(**enc, use_cache=False).logits[0]  # [S, V]
+            row = logits[-1]
+        else:
+            enc = tok(_masked_text(lm, template, f.subject), return_tensors="pt").to(device)
+            ids = enc["input_ids"]
+            where = int((ids[0] == tok.mask_token_id).nonzero()[0, 0])
+            kwargs = dict(enc)
+            if lm.family is Family.SEQ2SEQ:
+                start = torch.full((1, 1), lm.model.config.decoder_start_token_id, device=device)
+                kwargs["decoder_input_ids"] = torch.cat([start, ids[:, :-1]], dim=1)
+            logits = model(**kwargs, use_cache=False).logits[0]
+            row = logits[where]
+        hits += int(int(torch.log_softmax(row.float(), dim=-1).argmax()) == gold)
+    return hits / max(len(facts), 1)
+
+
+def pipeline_p_at_1(lm: ClozeLM, template: Template, facts: Sequence[Fact], batch_size: int, pipe=None) -> float:
+    """transformers' fill-mask pipeline, top-1, batched (masked LMs only)."""
+    pipe = pipe or make_pipeline(lm)
+    texts = [_masked_text(lm, template, f.subject) for f in facts]
+    with _quiet_transformers():
+        outputs = pipe(texts, batch_size=batch_size, top_k=1)
+    hits = 0
+    for f, out in zip(facts, outputs):
+        best = out[0] if isinstance(out, list) else out
+        hits += int(best["token"] == lm.answer_id(f.object, template))
+    return hits / max(len(facts), 1)
+
+
+def make_pipeline(lm: ClozeLM):
+    from transformers import pipeline
+
+    with _quiet_transformers():
+        return pipeline("fill-mask", model=lm.model, tokenizer=lm.tokenizer, device=lm.device)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' advice ("use a dataset for efficiency" and the like) for the block."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+# ============================================================================ where the time goes
+_CATEGORY_WORDS = (
+    ("attention", ("attn", "attention")),
+    ("MLP", ("mlp", "intermediate", "ffn", "fc1", "fc2", "feed_forward")),
+    ("norms", ("norm", "ln_")),
+)
+
+
+def _category(child_name: str) -> str:
+    name = child_name.lower()
+    if name == "output":  # BERT's BertOutput: the MLP's second matrix (plus its LayerNorm)
+        return "MLP"
+    for category, words in _CATEGORY_WORDS:
+        if any(w in name for w in words):
+            return category
+    return "other in layers"
+
+
+@contextlib.contextmanager
+def module_timer(lm: ClozeLM):
+    """Wall seconds spent in each kind of module while the block runs (forward hooks; CPU or synced GPU)."""
+    totals: dict[str, float] = {}
+    started: dict[int, float] = {}
+    device = lm.device
+    watched: list[tuple[torch.nn.Module, str]] = [(lm.model, "model forward"), (lm.model.get_output_embeddings(), "vocabulary projection")]
+    for row in lm.hooked_rows:
+        for module, _ in row:
+            if isinstance(module, torch.nn.Embedding) or module is lm.model.get_input_embeddings():
+                watched.append((module, "embeddings"))
+            else:
+                watched.append((module, "layers"))
+                watched += [(child, _category(name)) for name, child in module.named_children()]
+    handles = []
+
+    def pre(module, args):
+        _sync(device)
+        started[id(module)] = time.perf_counter()
+
+    def post_for(category):
+        def post(module, args, output):
+            _sync(device)
+            totals[category] = totals.get(category, 0.0) + time.perf_counter() - started.pop(id(module))
+
+        return post
+
+    try:
+        for module, category in watched:
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post_for(category)))
+        yield totals
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def time_breakdown(lm: ClozeLM, fn: Callable[[], Any]) -> dict[str, float]:
+    """Fractions of ``fn``'s wall time by where it went (one untimed-against call, hooks on)."""
+    with module_timer(lm) as t:
+        t0 = time.perf_counter()
+        fn()
+        total = time.perf_counter() - t0
+    inside = {k: t.get(k, 0.0) for k in ("attention", "MLP", "norms", "other in layers")}
+    layers = t.get("layers", 0.0)
+    forward = t.get("model forward", 0.0)
+    parts = {
+        **inside,
+        "residual adds etc. in layers": max(layers - sum(inside.values()), 0.0),
+        "embeddings": t.get("embeddings", 0.0),
+        "vocabulary projection": t.get("vocabulary projection", 0.0),
+        "rest of the forward (masks, rotary, final norm)": max(forward - layers - t.get("embeddings", 0.0) - t.get("vocabulary projection", 0.0), 0.0),
+        "outside the model (tokenization, batching, ranking)": max(total - forward, 0.0),
+    }
+    return {"total_s": total, "fractions": {k: v / total for k, v in parts.items()}}
+
+
+# ============================================================================ 1. evaluation throughput
+def eval_throughput(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, n_facts: int = 256, batch_size: int = 32,
+                    repeats: int = 3, warmup: int = 1, pipeline: bool | None = None, naive: bool = True,
+                    matmul_sizes: Sequence[int] = (1024, 2048), breakdown: bool = True, verbose: bool = True) -> dict[str, Any]:
+    """Facts/s of P@1 over ``n_facts`` test facts: score_facts vs a naive loop (vs fill-mask pipeline)."""
+    template = first_template(lm, relation)
+    facts, remapped = bench_facts(lm, template, n_facts, relation)
+    flops, tokens = useful_flops(lm, template, facts)
+    pipeline = lm.family is Family.MASKED if pipeline is None else pipeline
+    p1: dict[str, float] = {}
+
+    def ours():
+        p1["ours"] = score_facts(lm, [template], facts, batch_size=batch_size).metrics()["p_at_1"]
+
+    fns: dict[str, Callable[[], Any]] = {"ours": ours}
+    light: dict[str, Callable[[], Any]] = {}
+    if naive:
+        fns["naive loop"] = lambda: p1.__setitem__("naive loop", naive_p_at_1(lm, template, facts))
+        light["naive loop"] = lambda: naive_p_at_1(lm, template, facts[:2])  # one fact at a time: two warm it up
+    if pipeline:
+        pipe = make_pipeline(lm)
+        fns["fill-mask pipeline"] = lambda: p1.__setitem__("fill-mask pipeline", pipeline_p_at_1(lm, template, facts, batch_size, pipe))
+    peak_before = matmul_peak(matmul_sizes, repeats=max(2, repeats), device=lm.device)
+    times = measure(fns, repeats=repeats, warmup=warmup, device=lm.device, warmup_fns=light)
+    peak = _merge_peaks(peak_before, matmul_peak(matmul_sizes, repeats=max(2, repeats), device=lm.device))
+    variants = {}
+    for name, ts in times.items():
+        m = median(ts)
+        variants[name] = {"seconds": ts, "median_s": m, "facts_per_s": len(facts) / m, "p_at_1": p1[name],
+                          "useful_gflops_per_s": flops / m / 1e9, "share_of_matmul_peak": flops / m / 1e9 / peak["gflops"]}
+    result = {
+        "benchmark": "eval_throughput", "model": lm.name, "family": lm.family.value, "relation": relation,
+        "template": template.text, "facts": len(facts), "objects_remapped": remapped, "batch_size": batch_size,
+        "repeats": repeats, "warmup": warmup, "real_tokens": tokens, "useful_gflop": flops / 1e9,
+        "non_embedding_params": non_embedding_params(lm.model), "hidden": lm.hidden_size, "vocab": lm.vocab_size,
+        "matmul_peak": peak, "variants": variants,
+        "ratios": {f"ours / {name}": _ratio(variants["ours"]["facts_per_s"], v["facts_per_s"]) for name, v in variants.items() if name != "ours"},
+        "threads": torch.get_num_threads(), "load_average": _loadavg(),
+    }
+    if breakdown:
+        result["breakdown"] = time_breakdown(lm, ours)
+    result["goals"] = _eval_goals(result)
+    result["table"] = _eval_table(result)
+    if verbose:
+        print(render(result))
+    return result
+
+
+def _eval_goals(r: dict[str, Any]) -> list[dict[str, Any]]:
+    applies = r["model"] == GOAL_MODEL and _on_cpu()
+    goals = []
+    if "ours / naive loop" in r["ratios"]:
+        x = r["ratios"]["ours / naive loop"]
+        goals.append({"goal": f"ours >= {GOALS['eval_speedup']:g}x the naive loop", "value": x, "met": x >= GOALS["eval_speedup"], "applies": applies})
+    s = r["variants"]["ours"]["share_of_matmul_peak"]
+    goals.append({"goal": f"ours >= {GOALS['eval_efficiency']:.0%} of the fp32 matmul peak (useful FLOPs)", "value": s,
+                  "met": s >= GOALS["eval_efficiency"], "applies": applies})
+    return goals
+
+
+def _eval_table(r: dict[str, Any]) -> dict[str, Any]:
+    rows = []
+    for name, v in r["variants"].items():
+        ratio = 1.0 if name == "ours" else r["ratios"][f"ours / {name}"]
+        rows.append([name, f"{v['median_s']:.3f}", f"{v['facts_per_s']:.1f}", f"{ratio:.2f}x" if name != "ours" else "",
+                     f"{v['useful_gflops_per_s']:.3g}", f"{v['share_of_matmul_peak']:.1%}", f"{v['p_at_1']:.3f}"])
+    return {"title": f"Evaluation throughput: {r['model']}, {r['facts']} facts of {r['relation']}, batch {r['batch_size']} "
+                     f"(matmul peak {r['matmul_peak']['gflops']:.1f} GFLOP/s)",
+            "headers": ["variant", "median s", "facts/s", "ours is faster by", "useful GFLOP/s", "of peak", "P@1"], "rows": rows}
+
+
+def _on_cpu() -> bool:
+    return choose_device().type == "cpu"
+
+
+def _loadavg() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+# ============================================================================ 2. training step
+def train_step(model: str = DEFAULT_MODEL, *, relation: str = DEFAULT_RELATION, batch_size: int = 16, steps: int = 5,
+               warmup: int = 1, lr: float = 3e-3, variants: Sequence[str] = ("ours", "peft"), rounds: int = 1,
+               timeout: float = 3600, verbose: bool = True) -> dict[str, Any]:
+    """One prompt-tuning step, ours vs PEFT prompt tuning: one subprocess per variant (memory stays apart).
+
+    Each subprocess loads the model, warms up, then times ``steps`` steps of ``batch_size`` facts and
+    reports the peak memory during them. With ``rounds`` > 1 the variants alternate (ours, PEFT, ours,
+    PEFT, ...) and the step times of all rounds are pooled.
+    """
+    family = _family_of(model)
+    if family is not Family.CAUSAL:
+        variants = [v for v in variants if v != "peft"]  # PEFT's CAUSAL_LM prompt tuning needs a causal LM
+    raw: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            spec = dict(task="train_step", variant=v, model=model, relation=relation, batch_size=batch_size, steps=steps, warmup=warmup, lr=lr)
+            raw[v].append(run_worker(spec, timeout))
+    out: dict[str, Any] = {}
+    for v, runs in raw.items():
+        ts = [t for r in runs for t in r["step_s"]]
+        out[v] = {"step_s": ts, "median_s": median(ts), "steps_per_s": 1 / median(ts),
+                  "peak_mib": max(r["peak_mib"] for r in runs), "rss_after_load_mib": max(r["rss_after_load_mib"] for r in runs),
+                  "max_rss_mib": max(r["max_rss_mib"] for r in runs), "memory_kind": runs[0]["memory_kind"],
+                  "sequence_tokens": runs[0].get("sequence_tokens"), "loss": runs[0].get("loss")}
+    result = {"benchmark": "train_step", "model": model, "relation": relation, "batch_size": batch_size, "steps": steps,
+              "warmup": warmup, "rounds": rounds, "lr": lr, "variants": out,
+              "prompt_tokens": raw[variants[0]][0].get("prompt_tokens"), "threads": raw[variants[0]][0].get("threads"),
+              "load_average": _loadavg()}
+    if "peft" in out:
+        result["ratios"] = {"peft / ours step time": _ratio(out["peft"]["median_s"], out["ours"]["median_s"]),
+                            "peft / ours peak memory": _ratio(out["peft"]["peak_mib"], out["ours"]["peak_mib"])}
+        applies = model == GOAL_MODEL and _on_cpu()
+        x = result["ratios"]["peft / ours step time"]
+        result["goals"] = [
+            {"goal": f"ours >= {GOALS['train_speedup']:g}x faster per step than PEFT", "value": x, "met": x >= GOALS["train_speedup"], "applies": applies},
+            {"goal": "ours uses no more memory than PEFT (peak during the steps)", "value": out["ours"]["peak_mib"] - out["peft"]["peak_mib"],
+             "met": out["ours"]["peak_mib"] <= out["peft"]["peak_mib"], "applies": applies},
+        ]
+    else:
+        result["ratios"], result["goals"] = {}, []
+    rows = []
+    for v, d in out.items():
+        speed = "" if v == "ours" else f"{_ratio(d['median_s'], out['ours']['median_s']):.2f}x"
+        rows.append([v, f"{d['median_s']:.3f}", f"{d['steps_per_s']:.2f}", speed, f"{d['rss_after_load_mib']:.0f}",
+                     f"{d['peak_mib']:.0f}", f"{d['peak_mib'] - d['rss_after_load_mib']:.0f}", str(d["sequence_tokens"])])
+    result["table"] = {"title": f"Prompt-tuning step: {model}, batch {batch_size}, {result['prompt_tokens']} prompt tokens / virtual tokens",
+                       "headers": ["variant", "median s/step", "steps/s", "ours is faster by", "MiB after load",
+                                   f"{out[variants[0]]['memory_kind']} MiB", "of which the steps", "tokens/batch"], "rows": rows}
+    if verbose:
+        print(render(result))
+    return result
+
+
+def _family_of(model: str) -> Family:
+    if model == MASKED_STANDIN:
+        return Family.MASKED
+    from .models import spec
+
+    return spec(model).family
+
+
+def run_worker(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
+    """Run ``_worker(spec)`` in a fresh Python process; return what it reports."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-m", "course_lib.bench", "--worker", json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT_MARKER)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark worker {spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(_RESULT_MARKER):])
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec["task"] != "train_step":
+        raise ValueError(f"unknown worker task {spec['task']!r}")
+    lm = load_bench_model(spec["model"])
+    meter = MemoryMeter(lm.device)
+    template = first_template(lm, spec["relation"])
+    B = spec["batch_size"]
+    n_batches = max(1, min(spec["steps"] + spec["warmup"], 4))
+    facts, _ = bench_facts(lm, template, B * n_batches, spec["relation"], splits=("train", "dev", "test"))
+    batches = [facts[i : i + B] for i in range(0, len(facts), B)]
+    T = lm.encode_prompt(template).n_prompt_tokens
+    if spec["variant"] == "ours":
+        step, tokens = _ours_step(lm, template, spec["lr"])
+    elif spec["variant"] == "peft":
+        step, tokens = _peft_step(lm, template, T, spec["lr"])
+    else:
+        raise ValueError(f"unknown variant {spec['variant']!r}")
+    rss_load = meter.current_mib()
+    meter.reset()
+    loss = math.nan
+    for i in range(spec["warmup"]):
+        step(batches[i % len(batches)])
+    times = []
+    for i in range(spec["steps"]):
+        b = batches[(spec["warmup"] + i) % len(batches)]
+        _sync(lm.device)
+        t0 = time.perf_counter()
+        loss = step(b)
+        _sync(lm.device)
+        times.append(time.perf_counter() - t0)
+    return {"step_s": times, "peak_mib": meter.peak_mib(), "rss_after_load_mib": rss_load, "max_rss_mib": max_rss_mib(),
+            "memory_kind": meter.kind, "prompt_tokens": T, "sequence_tokens": tokens(batches[0]), "loss": loss,
+            "threads": torch.get_num_threads()}
+
+
+def _gold(lm: ClozeLM, template: Template, facts: Sequence[Fact]) -> torch.Tensor:
+    return torch.tensor([lm.answer_id(f.object, template) for f in facts])
+
+
+def _ours_step(lm: ClozeLM, template: Template, lr: float):
+    """training.tune's inner loop for one prompt: gold_log_probs, log-loss, Adam on the offsets."""
+    soft = SoftPrompt(lm, [template], 0)
+    opt = torch.optim.Adam(soft.parameters(), lr=lr)
+
+    def step(facts: Sequence[Fact]) -> float:
+        logp, _ = gold_log_probs(lm, soft, [f.subject for f in facts], _gold(lm, template, facts), [0])
+        loss = -logp.sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    def tokens(facts: Sequence[Fact]) -> int:
+        return int(soft.batch(lm, [f.subject for f in facts], [0] * len(facts)).input_ids.numel())
+
+    return step, tokens
+
+
+def _peft_step(lm: ClozeLM, template: Template, n_virtual: int, lr: float):
+    """PEFT prompt tuning as its docs do it: virtual tokens prepended, labels on the answer, model(..., labels)."""
+    import copy
+
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    tokenizer = copy.deepcopy(lm.tokenizer)
+    tokenizer.padding_side = "left"  # the answer token goes last in every row
+    model = get_peft_model(lm.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n_virtual))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    device = lm.device
+
+    def inputs(facts: Sequence[Fact]):
+        enc = tokenizer([_causal_prefix(template, f.subject) for f in facts], return_tensors="pt", padding=True)
+        gold = _gold(lm, template, facts)[:, None]
+        ids = torch.cat([enc["input_ids"], gold], dim=1)
+        mask = torch.cat([enc["attention_mask"], torch.ones_like(gold)], dim=1)
+        labels = torch.full_like(ids, -100)
+        labels[:, -1] = gold[:, 0]
+        return ids.to(device), mask.to(device), labels.to(device)
+
+    def step(facts: Sequence[Fact]) -> float:
+        ids, mask, labels = inputs(facts)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    def tokens(facts: Sequence[Fact]) -> int:
+        ids, _, _ = inputs(facts)
+        return int(ids.shape[0] * (ids.shape[1] + n_virtual))
+
+    model.train(False)
+    return step, tokens
+
+
+# ============================================================================ 3. mixtures
+def mixture_templates(lm: ClozeLM, relation: str = DEFAULT_RELATION, prompt_set: str = MIXTURE_PROMPT_SET) -> list[Template]:
+    """The relation's templates of the set that the model can answer, LPAQA's weight order (best first)."""
+    templates = [t for t in load_prompts(prompt_set, DATASET, relation) if lm.covers(t)]
+    if any(t.weight is not None for t in templates):
+        templates.sort(key=lambda t: -(t.weight or 0.0))
+    return templates
+
+
+def _epoch(lm: ClozeLM, templates: Sequence[Template], facts: Sequence[Fact], batch_size: int, lr: float, depth: int | str = 0):
+    """training.tune's epoch (no dev evaluation, no shuffling): E step, weighted log-loss, Adam, M step."""
+    soft = SoftPrompt(lm, templates, depth)
+    K = len(templates)
+    opt = torch.optim.Adam(soft.parameters(), lr=lr)
+    state = {"log_weights": torch.full((K,), -math.log(K))}
+    form = answer_form_template(lm, soft.prompts)
+    pairs = [(f.subject, lm.answer_id(f.object, form)) for f in facts]
+    pairs = [(s, g) for s, g in pairs if g is not None]
+
+    def run() -> None:
+        resp_sum, seen = torch.zeros(K), 0
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            logp, _ = gold_log_probs(lm, soft, [s for s, _ in chunk], torch.tensor([g for _, g in chunk]), list(range(K)))
+            prior = state["log_weights"][None, :].to(logp.device)
+            r = responsibilities(prior, logp.detach()) if K > 1 else torch.ones_like(logp)
+            loss = -(r * logp).sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            resp_sum += r.detach().sum(0).cpu()
+            seen += len(chunk)
+        if K > 1:
+            state["log_weights"] = m_step_weights(resp_sum, seen)
+
+    return run, len(pairs)
+
+
+def mixtures(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, prompt_set: str = MIXTURE_PROMPT_SET, ks: Sequence[int] = (1, 5, 10, 30),
+             n_facts: int = 16, batch_size: int = 16, repeats: int = 3, warmup: int = 1, lr: float = 3e-3,
+             verbose: bool = True) -> dict[str, Any]:
+    """Seconds per training epoch with K prompts batched together, against K x one prompt's."""
+    templates = mixture_templates(lm, relation, prompt_set)
+    usable = [k for k in ks if k <= len(templates)]
+    skipped = [k for k in ks if k > len(templates)]
+    if 1 not in usable:
+        usable = [1] + usable
+    form = answer_form_template(lm, [lm.encode_prompt(t) for t in templates[: max(usable)]])
+    facts, remapped = bench_facts(lm, form, n_facts, relation, splits=("train", "dev", "test"))
+    runs = {k: _epoch(lm, templates[:k], facts, batch_size, lr) for k in usable}
+    runs[1][0]()  # one warm-up epoch before any timing
+    times = {}
+    for k in usable:  # one K at a time: interleaving K=30 with K=1 would only blur the small ones
+        times[k] = measure({"epoch": runs[k][0]}, repeats=repeats, warmup=warmup, device=lm.device)["epoch"]
+    t1 = median(times[1])
+    per_k = {str(k): {"seconds": times[k], "median_s": median(times[k]), "facts": runs[k][1],
+                      "sequences_per_epoch": runs[k][1] * k, "ratio_to_k_times_single": _ratio(median(times[k]), k * t1)}
+             for k in usable}
+    worst = max((v["ratio_to_k_times_single"] for k, v in per_k.items() if k != "1"), default=math.nan)
+    result = {"benchmark": "mixtures", "model": lm.name, "relation": relation, "prompt_set": prompt_set,
+              "templates_available": len(templates), "ks_skipped": skipped, "facts": len(facts), "objects_remapped": remapped,
+              "batch_size": batch_size, "repeats": repeats, "warmup": warmup, "per_k": per_k,
+              "goals": [{"goal": "time(K) <= K x time(1) for every K", "value": worst, "met": worst <= 1.0,
+                         "applies": lm.name == GOAL_MODEL}],
+              "threads": torch.get_num_threads(), "load_average": _loadavg()}
+    result["table"] = {"title": f"Mixtures: {lm.name}, {len(facts)} training facts of {relation} ({prompt_set}), batch {batch_size} facts x K prompts",
+                       "headers": ["K", "median s/epoch", "sequences/epoch", "time(K) / (K x time(1))"],
+                       "rows": [[k, f"{v['median_s']:.3f}", v["sequences_per_epoch"], f"{v['ratio_to_k_times_single']:.2f}"] for k, v in per_k.items()]}
+    if verbose:
+        print(render(result))
+    return result
+
+
+# ============================================================================ 4. depth
+def depth(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, depths: Sequence[int | str] = (0, 1, 6, 12, "all"),
+          batch_size: int = 16, repeats: int = 3, warmup: int = 1, lr: float = 3e-3, verbose: bool = True) -> dict[str, Any]:
+    """Seconds per training step (one prompt, ``batch_size`` facts) with offsets on rows 0..depth."""
+    template = first_template(lm, relation)
+    facts, remapped = bench_facts(lm, template, batch_size, relation, splits=("train", "dev", "test"))
+    chosen = sorted({resolve_depth(d, lm) for d in depths if d == "all" or int(d) <= lm.n_layers})  # deeper than the model: skipped
+    names = {d: f"all ({d})" if d == lm.n_layers else str(d) for d in chosen}
+    fns = {names[d]: _epoch(lm, [template], facts, batch_size, lr, depth=d)[0] for d in chosen}
+    times = measure(fns, repeats=repeats, warmup=warmup, device=lm.device)
+    base = median(times[names[chosen[0]]])
+    per = {names[d]: {"depth": d, "trained_rows": d + 1, "seconds": times[names[d]], "median_s": median(times[names[d]]),
+                      "ratio_to_depth_0": _ratio(median(times[names[d]]), base)} for d in chosen}
+    result = {"benchmark": "depth", "model": lm.name, "layers": lm.n_layers, "relation": relation, "batch_size": batch_size,
+              "objects_remapped": remapped, "repeats": repeats, "warmup": warmup, "per_depth": per,
+              "threads": torch.get_num_threads(), "load_average": _loadavg()}
+    result["table"] = {"title": f"Depth: {lm.name} ({lm.n_layers} layers), one step of {batch_size} facts",
+                       "headers": ["depth", "rows of offsets", "median s/step", "vs depth 0"],
+                       "rows": [[name, v["trained_rows"], f"{v['median_s']:.3f}", f"{v['ratio_to_depth_0']:.2f}"] for name, v in per.items()]}
+    if verbose:
+        print(render(result))
+    return result
+
+
+# ============================================================================ 5. scale
+def scale(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, batch_sizes: Sequence[int] = (1, 4, 16, 64, 256), min_facts: int = 128,
+          repeats: int = 3, warmup: int = 1, verbose: bool = True) -> dict[str, Any]:
+    """Evaluation facts/s and peak memory at each batch size (max(min_facts, batch size) facts each)."""
+    template = first_template(lm, relation)
+    meter = MemoryMeter(lm.device)
+    base_mib = meter.current_mib()
+    per = {}
+    for bs in sorted(batch_sizes):  # ascending: memory freed by a smaller run is reused, not double counted
+        facts, _ = bench_facts(lm, template, max(min_facts, bs), relation)
+        meter.reset()
+        ts = measure({"score": lambda: score_facts(lm, [template], facts, batch_size=bs)}, repeats=repeats, warmup=warmup, device=lm.device)["score"]
+        m = median(ts)
+        peak = meter.peak_mib()
+        per[str(bs)] = {"facts": len(facts), "seconds": ts, "median_s": m, "facts_per_s": len(facts) / m,
+                        "peak_mib": peak, "peak_above_model_mib": peak - base_mib}
+    result = {"benchmark": "scale", "model": lm.name, "relation": relation, "repeats": repeats, "warmup": warmup,
+              "memory_kind": meter.kind, "model_mib": base_mib, "peak_resettable": meter.resettable, "per_batch_size": per,
+              "threads": torch.get_num_threads(), "load_average": _loadavg()}
+    result["table"] = {"title": f"Scale: {lm.name} evaluation by batch size ({meter.kind}; {base_mib:.0f} MiB before scoring)",
+                       "headers": ["batch size", "facts", "median s", "facts/s", f"{meter.kind} MiB", "above the model MiB"],
+                       "rows": [[bs, v["facts"], f"{v['median_s']:.3f}", f"{v['facts_per_s']:.1f}", f"{v['peak_mib']:.0f}",
+                                 f"{v['peak_above_model_mib']:.0f}"] for bs, v in per.items()]}
+    if verbose:
+        print(render(result))
+    return result
+
+
+# ============================================================================ report
+def markdown_table(headers: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render(result: dict[str, Any]) -> str:
+    """A benchmark's table (markdown, readable as plain text) and its goals."""
+    t = result["table"]
+    out = [f"### {t['title']}", "", markdown_table(t["headers"], t["rows"])]
+    goals = result.get("goals") or []
+    if goals:
+        out.append("")
+        for g in goals:
+            verdict = ("met" if g["met"] else "NOT met") if g["applies"] else f"({'met' if g['met'] else 'not met'}; the goal is set for {GOAL_MODEL} on CPU)"
+            out.append(f"- goal: {g['goal']}: {_fmt(g['value'])} -> {verdict}")
+    return "\n".join(out)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    ax = axes[0, 0]
+    names, values, colors = [], [], []
+    for key in ("eval", "eval_masked"):
+        r = results.get(key)
+        if not r:
+            continue
+        for name, v in r["variants"].items():
+            names.append(f"{r['model']}\n{name}")
+            values.append(v["facts_per_s"])
+            colors.append("C0" if name == "ours" else "C7")
+    ax.bar(range(len(values)), values, color=colors)
+    ax.set_xticks(range(len(values)), names, fontsize=7)
+    ax.set_ylabel("facts/s")
+    ax.set_title("1. evaluation throughput")
+    ax = axes[0, 1]
+    r = results.get("train_step")
+    if r:
+        vs = list(r["variants"])
+        ax.bar(vs, [r["variants"][v]["median_s"] for v in vs], color=["C0" if v == "ours" else "C7" for v in vs])
+        ax.set_ylabel("seconds per step")
+        ax2 = ax.twinx()
+        ax2.plot(vs, [r["variants"][v]["peak_mib"] for v in vs], "o", color="C3")
+        ax2.set_ylabel(f"{r['variants'][vs[0]]['memory_kind']} MiB", color="C3")
+        ax2.set_ylim(bottom=0)
+        ax.set_title(f"2. prompt-tuning step, batch {r['batch_size']}")
+    ax = axes[0, 2]
+    r = results.get("mixtures")
+    if r:
+        ks = [int(k) for k in r["per_k"]]
+        ax.plot(ks, [v["ratio_to_k_times_single"] for v in r["per_k"].values()], "o-")
+        ax.axhline(1.0, color="grey", ls="--", lw=1)
+        ax.set_xlabel("K prompts")
+        ax.set_ylabel("time(K) / (K x time(1))")
+        ax.set_title("3. mixtures: epoch time")
+    ax = axes[1, 0]
+    r = results.get("depth")
+    if r:
+        ax.bar(list(r["per_depth"]), [v["median_s"] for v in r["per_depth"].values()], color="C0")
+        ax.set_xlabel("depth (rows 0..d trained)")
+        ax.set_ylabel("seconds per step")
+        ax.set_title("4. depth")
+    r = results.get("scale")
+    if r:
+        bs = [int(b) for b in r["per_batch_size"]]
+        ax = axes[1, 1]
+        ax.plot(bs, [v["facts_per_s"] for v in r["per_batch_size"].values()], "o-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("facts/s")
+        ax.set_title("5. evaluation throughput by batch size")
+        ax = axes[1, 2]
+        ax.plot(bs, [v["peak_mib"] for v in r["per_batch_size"].values()], "o-", color="C3")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(f"{r['memory_kind']} MiB")
+        ax.set_title("5. peak memory by batch size")
+    fig.suptitle(f"course_lib benchmarks ({results['machine']['device']}, {results['machine']['torch_threads']} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    png = plot(results, out / "report.png")
+    m = results["machine"]
+    load = m.get("load_average")
+    load_end = results.get("load_average_end")
+    lines = [
+        "# course_lib benchmarks",
+        "",
+        f"{'Smoke run (--quick)' if results['quick'] else 'Full run'} on {m['cpu']} ({m['cpu_count']} CPUs, torch {m['torch']} "
+        f"with {m['torch_threads']} threads, device {m['device']}), {m['date']}, {results['seconds']:.0f} s in all.",
+        "",
+        f"Load average at the start {_load_text(load)}, at the end {_load_text(load_end)}. Absolute timings move with the "
+        "machine's load; each ratio compares variants measured in the same run, their repeats interleaved, so read the ratios.",
+        "",
+        f"![benchmarks]({png.name})",
+        "",
+    ]
+    if results.get("notes"):
+        lines += [f"- {n}" for n in results["notes"]] + [""]
+    for key in ("eval", "eval_masked", "train_step", "mixtures", "depth", "scale"):
+        r = results.get(key)
+        if not r:
+            continue
+        lines += [render(r), ""]
+        if r.get("breakdown"):
+            b = r["breakdown"]
+            lines += [f"Where ours spends its time ({r['model']}, one scoring pass of {b['total_s']:.2f} s, forward hooks):", ""]
+            lines += [markdown_table(["part", "share"], [[k, f"{v:.0%}"] for k, v in sorted(b["fractions"].items(), key=lambda kv: -kv[1])]), ""]
+    lines += ["Raw numbers: report.json.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _load_text(load: Sequence[float] | None) -> str:
+    return "unknown" if not load else " / ".join(f"{x:.1f}" for x in load) + " (1 / 5 / 15 min)"
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (torch.Tensor,)):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def run_all(out: Path, quick: bool = False, model: str = DEFAULT_MODEL, masked_model: str | None = MASKED_STANDIN,
+            relation: str = DEFAULT_RELATION) -> str:
+    """Run the five benchmarks (and the masked-LM evaluation with the fill-mask pipeline); write the report.
+
+    ``masked_model`` (default: a random-weight BERT-base) adds the pipeline comparison when ``model``
+    is not a masked LM itself; None skips it. Returns the path of report.md.
+    """
+    s = SETTINGS["quick" if quick else "full"]
+    out = Path(out)
+    t0 = time.perf_counter()
+    device = choose_device()
+    results: dict[str, Any] = {"quick": quick, "model": model, "settings": s, "machine": machine_info(device), "notes": []}
+    print(f"[bench] {model}, {'quick' if quick else 'full'} run, {torch.get_num_threads()} threads, load {_load_text(_loadavg())}", flush=True)
+    lm = load_bench_model(model)
+    common = dict(relation=relation, repeats=s["repeats"], warmup=s["warmup"])
+    results["eval"] = eval_throughput(lm, n_facts=s["eval_facts"], batch_size=s["eval_batch"], matmul_sizes=s["matmul_sizes"], **common)
+    if masked_model and lm.family is not Family.MASKED:
+        masked = load_bench_model(masked_model)
+        results["eval_masked"] = eval_throughput(masked, n_facts=s["eval_facts"], batch_size=s["eval_batch"],
+                                                 matmul_sizes=s["matmul_sizes"], breakdown=False, **common)
+        del masked
+    # One warm-up epoch at K = 1 precedes all; the smoke run adds none per K (K = 30 is the slow one).
+    results["mixtures"] = mixtures(lm, ks=s["mix_ks"], n_facts=s["mix_facts"], batch_size=s["mix_batch"],
+                                   **{**common, "warmup": s.get("mix_warmup", s["warmup"])})
+    if results["mixtures"]["ks_skipped"]:
+        results["notes"].append(f"mixtures: K = {results['mixtures']['ks_skipped']} skipped, the relation has "
+                                f"{results['mixtures']['templates_available']} usable templates")
+    results["depth"] = depth(lm, depths=s["depths"], batch_size=s["depth_batch"], **common)
+    results["scale"] = scale(lm, batch_sizes=s["scale_sizes"], min_facts=s["scale_facts"], **common)
+    del lm  # the training subprocesses each load their own copy
+    results["train_step"] = train_step(model, relation=relation, batch_size=s["train_batch"], steps=s["train_steps"], warmup=s["warmup"])
+    results["seconds"] = time.perf_counter() - t0
+    results["load_average_end"] = _loadavg()
+    path = write_report(results, out)
+    print(f"[bench] wrote {path}, {path.with_suffix('.png')} and {path.with_suffix('.json')} in {results['seconds']:.0f} s")
+    return str(path)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        result = _worker(json.loads(sys.argv[2]))
+        print(_RESULT_MARKER + json.dumps(result), flush=True)
+    else:
+        print("usage: python -m course_lib bench [--out DIR] [--quick]   (this module's own entry point is for its subprocesses)",
+              file=sys.stderr)
+        raise SystemExit(2)

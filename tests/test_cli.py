@@ -1,0 +1,130 @@
+"""The command line, called in-process (``course_lib.cli.main``) with tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from course_lib.cli import main
+from course_lib.experiments import LADDER
+from course_lib.results import KEY_COLUMNS
+
+METRICS = ["facts", "kept", "dropped", "p_at_1", "p_at_10", "mrr"]
+
+
+def call(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of one command; argparse's own errors exit, the rest return 2."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def results_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Every test gets its own results cache, so no row comes from an earlier run."""
+    monkeypatch.setenv("COURSE_LIB_RESULTS_CACHE", str(tmp_path / "results-cache"))
+    return tmp_path / "results-cache"
+
+
+def test_probe_prints_a_table_and_a_summary_and_writes_the_csv(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "probe.csv"
+    code, stdout, _ = call(["probe", "--model", "tiny-bert", "--relations", "P103,P36", "--max-facts", 8,
+                            "--answer-space", "full,common", "--out", out], capsys)
+    assert code == 0
+    assert "P103" in stdout and "P36" in stdout and "p_at_1" in stdout
+    assert "Summary" in stdout and "micro_p_at_1" in stdout and f"wrote {out}" in stdout
+    table = pd.read_csv(out)
+    assert set(KEY_COLUMNS + METRICS) <= set(table.columns)
+    assert len(table) == 4 and not table.duplicated(subset=KEY_COLUMNS).any()
+    assert set(table["relation"]) == {"P103", "P36"} and set(table["answer_space"]) == {"full", "common"}
+    assert (table["model"] == "tiny-bert").all() and (table["method"] == "hard").all() and (table["facts"] == 8).all()
+    assert (table["kept"] + table["dropped"] == table["facts"]).all()
+
+
+TUNE = ["tune", "--model", "tiny-gpt2", "--relations", "P103", "--init", "random", "--mixture", "1", "--depth", "0",
+        "--epochs", "1", "--max-train", "16", "--max-dev", "8", "--max-test", "8"]
+
+
+def test_tune_writes_a_checkpoint_and_a_row_and_a_rerun_resumes(tmp_path: Path, capsys) -> None:
+    ckpts, out = tmp_path / "ckpts", tmp_path / "tune.csv"
+    code, stdout, _ = call(TUNE + ["--checkpoints", ckpts, "--out", out], capsys)
+    assert code == 0, stdout
+    ckpt = ckpts / "tiny-gpt2" / "trex_original" / "P103" / "soft-random-seed0.safetensors"
+    assert ckpt.is_file() and "resumed" not in stdout
+    first = pd.read_csv(out)
+    assert set(KEY_COLUMNS + METRICS + ["best_epoch", "best_dev_p_at_1", "checkpoint"]) <= set(first.columns)
+    assert len(first) == 1
+    row = first.iloc[0]
+    assert (row["model"], row["relation"], row["method"], row["facts"]) == ("tiny-gpt2", "P103", "soft-random", 8)
+    assert Path(row["checkpoint"]) == ckpt
+
+    code, stdout, _ = call(TUNE + ["--checkpoints", ckpts, "--out", out], capsys)
+    assert code == 0
+    assert "resumed from the checkpoint of epoch 1" in stdout
+    again = pd.read_csv(out)
+    pd.testing.assert_frame_equal(again[KEY_COLUMNS + METRICS + ["best_dev_p_at_1"]], first[KEY_COLUMNS + METRICS + ["best_dev_p_at_1"]])
+
+
+def reproduce(argv: list[str], tmp: Path, capsys, monkeypatch) -> tuple[int, str]:
+    monkeypatch.setenv("COURSE_LIB_RESULTS_CACHE", str(tmp / "cache"))
+    code, stdout, err = call(["reproduce", "--model", "tiny-bert", "--budget", "ci", "--relations", "P103",
+                              "--checkpoints", tmp / "ckpts", *argv], capsys)
+    assert code == 0, err[-2000:]
+    return code, stdout
+
+
+def comparable(table: pd.DataFrame) -> pd.DataFrame:
+    return table[KEY_COLUMNS + METRICS].sort_values("method").reset_index(drop=True)
+
+
+def test_reproduce_runs_the_ladder_and_shards_merge_to_the_same_table(tmp_path: Path, capsys, monkeypatch) -> None:
+    whole = tmp_path / "whole.csv"
+    _, stdout = reproduce(["--out", whole], tmp_path / "unsharded", capsys, monkeypatch)
+    table = pd.read_csv(whole)
+    assert list(table["method"]) == [r.name for r in LADDER]
+    assert "Summary" in stdout and all(r.name in stdout for r in LADDER)
+    assert (table["relation"] == "P103").all() and (table["kept"] > 0).all()
+
+    # Each shard starts from an empty cache and checkpoint folder, so its rows are recomputed.
+    shards = []
+    for i in range(2):
+        shard = tmp_path / f"shard{i}.csv"
+        reproduce(["--shard", f"{i}/2", "--out", shard], tmp_path / f"shard{i}", capsys, monkeypatch)
+        shards.append(shard)
+        assert list(pd.read_csv(shard)["method"]) == [r.name for r in LADDER][i::2]
+    merged = tmp_path / "merged.csv"
+    code, stdout, _ = call(["merge", *shards, shards[0], "--out", merged], capsys)  # a shard given twice
+    assert code == 0 and "Summary" in stdout
+    pd.testing.assert_frame_equal(comparable(pd.read_csv(merged)), comparable(table))
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["probe", "--model", "no-such-model"], "no-such-model"),
+        (["tune", "--model", "no-such-model"], "no-such-model"),
+        (["probe", "--model", "tiny-bert", "--relations", "P103,P999"], "P999"),
+        (["tune", "--model", "tiny-gpt2", "--relations", "P999"], "P999"),
+        (["reproduce", "--model", "tiny-bert", "--relations", "P999"], "P999"),
+        (["tune", "--model", "tiny-gpt2", "--relations", "P103", "--mixture", "0"], "--mixture"),
+        (["tune", "--model", "tiny-gpt2", "--relations", "P103", "--mixture", "three"], "--mixture"),
+        (["tune", "--model", "tiny-gpt2", "--relations", "P103", "--mixture", "-2"], "--mixture"),
+        (["tune", "--model", "tiny-gpt2", "--relations", "P103", "--depth", "deep"], "--depth"),
+        (["tune", "--model", "tiny-gpt2", "--relations", "P103", "--depth", "99"], "depth"),
+        (["probe", "--model", "tiny-bert", "--answer-space", "everything"], "--answer-space"),
+        (["reproduce", "--model", "tiny-bert", "--relations", "P103", "--shard", "2/2"], "shard"),
+        (["reproduce", "--model", "tiny-bert", "--relations", "P103", "--shard", "half"], "--shard"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message_naming_them(argv: list[str], named: str, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out.csv"
+    code, stdout, err = call(argv + ["--out", out], capsys)
+    assert code == 2
+    assert named in err, err
+    assert "Traceback" not in err
+    assert not out.exists()

@@ -1,0 +1,294 @@
+"""The exercise notebooks: one source each, generated student and worked versions, and their checks.
+
+Fast tests (always run): the committed exercises/ and solutions/ are exactly what
+``python -m course_lib.exercises`` generates from exercises/source/; the generator's rules and
+errors; every chapter's notebook has the book's first cells, the three kinds of exercise and a check
+cell per function to implement; the nbgrader and otter exports.
+
+Slow tests (marker ``notebooks``, their own CI phase): every solutions/ notebook executes at the
+``ci`` budget and every check in it passes; every exercises/ notebook executes to the end (the checks
+catch the unfinished stubs) and every check in it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from course_lib import checks, exercises
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = list(checks.CHAPTER_CHECKS)
+CHECK_CALL = re.compile(r"checks\.check_(\w+)\(")
+EXERCISE_HEADER = re.compile(r"^## Exercise (\d+)\.(\d+): .+ \((implement|experiment|in words)\)\s*$", re.M)
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def text(cell: dict) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def check_cells(nb: dict) -> dict[int, list[str]]:
+    """Index of each code cell that calls checks, and the checks it calls."""
+    return {i: CHECK_CALL.findall(text(c)) for i, c in enumerate(nb["cells"])
+            if c["cell_type"] == "code" and CHECK_CALL.search(text(c))}
+
+
+# ------------------------------------------------------------------ generated files are in sync
+def test_committed_versions_are_in_sync_with_the_sources():
+    proc = subprocess.run([sys.executable, "-m", "course_lib.exercises", "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (
+        "exercises/ or solutions/ differ from what exercises/source/ generates; run "
+        f"`python -m course_lib.exercises` and commit the result:\n{proc.stdout}{proc.stderr}")
+
+
+def test_every_chapter_has_a_source_and_both_versions():
+    for chapter in CHAPTERS:
+        for folder in ("exercises/source", "exercises", "solutions"):
+            assert (ROOT / folder / f"{chapter}.ipynb").is_file(), f"missing {folder}/{chapter}.ipynb"
+
+
+# ------------------------------------------------------------------ the generator's rules
+def _nb(*cells):
+    out = []
+    for i, (kind, source) in enumerate(cells):
+        cell = {"cell_type": kind, "id": f"c{i}", "metadata": {}, "source": source}
+        if kind == "code":
+            cell.update(execution_count=3, outputs=[{"output_type": "stream", "name": "stdout", "text": "old"}])
+        out.append(cell)
+    return {"cells": out, "metadata": {"kernelspec": {"name": "python3", "display_name": "x"}, "widgets": {}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+SAMPLE = _nb(
+    ("markdown", "# Exercises 9: Sample"),
+    ("code", "def f(x):\n    \"\"\"Doc.\"\"\"\n    # HINT: add one\n    # BEGIN SOLUTION\n    y = x + 1\n    return y\n    # END SOLUTION\n"),
+    ("code", "checks.check_em_step(f)"),
+    ("markdown", "Why?\n\n<!-- BEGIN SOLUTION -->\nBecause.\n\n```python\nx = 1\n```\n<!-- END SOLUTION -->\n"),
+    ("code", "for i in range(2):\n    # BEGIN SOLUTION\n    print(i)\n    # END SOLUTION\n    pass"),
+)
+
+
+def test_student_and_worked_versions():
+    v = exercises.versions(SAMPLE, "99_sample.ipynb")
+    st, so = v.student["cells"], v.solution["cells"]
+    assert len(st) == len(so) == len(SAMPLE["cells"]) + 1  # a note on which version this is, after the title
+    assert "Your version" in text(st[1]) and "Worked version" in text(so[1])
+    assert text(st[2]) == 'def f(x):\n    """Doc."""\n    raise NotImplementedError("add one")'
+    assert text(so[2]) == 'def f(x):\n    """Doc."""\n    y = x + 1\n    return y'
+    assert so[2]["metadata"]["tags"] == ["hide-input"] and "tags" not in st[2]["metadata"]
+    assert text(st[4]) == "Why?\n\n*Your answer here.*"
+    assert text(so[4]) == "Why?\n\n````{dropdown} Answer\nBecause.\n\n```python\nx = 1\n```\n````"  # a longer fence
+    assert text(st[5]) == 'for i in range(2):\n    raise NotImplementedError("write your solution here")\n    pass'
+    for cell in st + so:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+        assert "SOLUTION" not in text(cell) and "HINT" not in text(cell)
+    assert v.student["metadata"] == {"kernelspec": exercises.KERNELSPEC, "language_info": {"name": "python"}}
+    assert exercises.dumps(v.student) == exercises.dumps(exercises.versions(SAMPLE, "99_sample.ipynb").student)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("# BEGIN SOLUTION\nx = 1\n", "without a matching"),
+    ("x = 1\n# END SOLUTION\n", "without a '# BEGIN SOLUTION' before it"),
+    ("# BEGIN SOLUTION\n# BEGIN SOLUTION\nx\n# END SOLUTION\n", "do not nest"),
+    ("# HINT: lonely\nx = 1\n", "must come right before"),
+    ("# BEGIN SOLUTION\n# END SOLUTION\n", "empty solution region"),
+    ("print('BEGIN SOLUTION')\n", "whole marker line"),
+])
+def test_malformed_sources_are_rejected(source, message):
+    with pytest.raises(exercises.SourceError, match=re.escape(message)) as err:
+        exercises.versions(_nb(("markdown", "# T"), ("code", source)), "99_bad.ipynb")
+    assert "99_bad.ipynb, cell 1 (code), line" in str(err.value)
+
+
+def test_cells_need_unique_ids():
+    nb = _nb(("markdown", "# T"), ("code", "x = 1"))
+    nb["cells"][1]["id"] = "c0"
+    with pytest.raises(exercises.SourceError, match="unique id"):
+        exercises.versions(nb, "99_bad.ipynb")
+
+
+def test_check_mode_lists_what_is_out_of_date(tmp_path, capsys):
+    (tmp_path / "exercises" / "source").mkdir(parents=True)
+    (tmp_path / "solutions").mkdir()
+    (tmp_path / "exercises" / "source" / "09_sample.ipynb").write_text(json.dumps(SAMPLE))
+    assert exercises.main(["--check", "--root", str(tmp_path)]) == 1
+    assert "exercises/09_sample.ipynb: missing" in capsys.readouterr().out
+    assert exercises.main(["--root", str(tmp_path)]) == 0
+    first = (tmp_path / "solutions" / "09_sample.ipynb").read_bytes()
+    assert exercises.main(["--root", str(tmp_path)]) == 0  # idempotent, byte for byte
+    assert (tmp_path / "solutions" / "09_sample.ipynb").read_bytes() == first
+    assert exercises.main(["--check", "--root", str(tmp_path)]) == 0
+    (tmp_path / "solutions" / "09_sample.ipynb").write_text(first.decode().replace("y = x + 1", "y = x + 2"))
+    (tmp_path / "exercises" / "10_orphan.ipynb").write_text("{}")
+    capsys.readouterr()
+    assert exercises.main(["--check", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "solutions/09_sample.ipynb: differs" in out and "exercises/10_orphan.ipynb: no source" in out
+
+
+def test_nbgrader_export(tmp_path):
+    nb = exercises.nbgrader_source(SAMPLE, "99_sample.ipynb")
+    meta = [c["metadata"].get("nbgrader") for c in nb["cells"]]
+    assert meta[0] is None
+    assert meta[1] == {"grade": False, "grade_id": "99_sample-cell1-solution", "locked": False, "schema_version": 3,
+                       "solution": True, "task": False}
+    assert meta[2]["grade"] and meta[2]["locked"] and not meta[2]["solution"] and meta[2]["points"] == 1
+    assert text(nb["cells"][2]) == "checks.check_em_step(f, strict=True)"
+    assert meta[3]["solution"] and meta[3]["grade"]  # a written answer: graded by hand
+    assert "# BEGIN SOLUTION" in text(nb["cells"][1])  # nbgrader's own markers stay for it to clear
+    ids = [m["grade_id"] for m in meta if m]
+    assert len(ids) == len(set(ids)) and all(re.fullmatch(r"[a-zA-Z0-9_\-]+", i) for i in ids)
+    allowed = {"schema_version", "grade", "locked", "solution", "task", "grade_id", "points"}
+    assert all(set(m) <= allowed for m in meta if m)
+    written = exercises.export("nbgrader", tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in written) == [
+        f"source/{c}/{c}.ipynb" for c in CHAPTERS]
+
+
+def test_otter_export(tmp_path):
+    written = exercises.export("otter", tmp_path)
+    for chapter, names in checks.CHAPTER_CHECKS.items():
+        folder = tmp_path / chapter
+        assert (folder / f"{chapter}.ipynb").read_text() == (ROOT / "exercises" / f"{chapter}.ipynb").read_text()
+        assert "course_lib" in (folder / "requirements.txt").read_text()
+        for name in names:
+            scope: dict = {}
+            exec((folder / "tests" / f"{name}.py").read_text(), scope)  # noqa: S102 - our own generated file
+            assert scope["OK_FORMAT"] is True and scope["test"]["name"] == name
+            case = scope["test"]["suites"][0]["cases"][0]["code"]
+            assert f">>> checks.check_{name}({name}, quiet=True).passed\nTrue" in case
+    assert len(written) == sum(len(n) + 2 for n in checks.CHAPTER_CHECKS.values())
+
+
+# ------------------------------------------------------------------ the notebooks' structure
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_notebook_structure(chapter):
+    source = load(ROOT / "exercises" / "source" / f"{chapter}.ipynb")
+    cells = source["cells"]
+    n = int(chapter[:2])
+    assert cells[0]["cell_type"] == "markdown" and text(cells[0]).startswith(f"# Exercises {n}: ")
+    assert cells[1]["metadata"].get("tags") == ["colab-install"]
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    assert f"course_lib[book] @ git+{repo}@main" in text(cells[1])
+    assert cells[2]["metadata"].get("tags") == ["parameters"]
+    assert re.search(r'^MODEL = "gemma-3-270m"', text(cells[2]), re.M)
+    assert re.search(r'^BUDGET = os\.environ\.get\("BOOK_BUDGET", "ci"\)', text(cells[2]), re.M)
+    markdown = "\n".join(text(c) for c in cells if c["cell_type"] == "markdown")
+    headers = EXERCISE_HEADER.findall(markdown)
+    assert len(headers) >= 3 and {h[2] for h in headers} == {"implement", "experiment", "in words"}, headers
+    assert all(int(h[0]) == n for h in headers) and [int(h[1]) for h in headers] == list(range(1, len(headers) + 1))
+    # every function to implement is checked, right after it, by the chapter's own check
+    called = [name for names in check_cells(source).values() for name in names]
+    assert called == list(checks.CHAPTER_CHECKS[chapter])
+    for i, names in check_cells(source).items():
+        before = text(cells[i - 1]) if cells[i - 1]["cell_type"] == "code" else text(cells[i - 2])
+        for name in names:
+            assert f"def {name}(" in before and "# BEGIN SOLUTION" in before, f"{chapter}: check_{name} not after {name}"
+    # word answers exist in both versions' forms
+    student = load(ROOT / "exercises" / f"{chapter}.ipynb")
+    solution = load(ROOT / "solutions" / f"{chapter}.ipynb")
+    assert sum("*Your answer here.*" in text(c) for c in student["cells"]) >= 2
+    assert sum("{dropdown} Answer" in text(c) for c in solution["cells"]) >= 2
+    stubs = sum(text(c).count("raise NotImplementedError(") for c in student["cells"] if c["cell_type"] == "code")
+    assert stubs == len(checks.CHAPTER_CHECKS[chapter])
+    hidden = [c for c in solution["cells"] if "hide-input" in c["metadata"].get("tags", [])]
+    assert len(hidden) == len(checks.CHAPTER_CHECKS[chapter])
+
+
+# ------------------------------------------------------------------ executing them (slow)
+def execute(path: Path, out: Path) -> tuple[dict, float]:
+    import papermill as pm
+
+    start = time.perf_counter()
+    pm.execute_notebook(str(path), str(out), parameters={"BUDGET": "ci"}, kernel_name="python3", cwd=str(path.parent),
+                        progress_bar=False, log_output=False, request_save_on_cell_execute=False)
+    return load(out), time.perf_counter() - start
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_solution_notebook_runs_and_every_check_passes(chapter, tmp_path):
+    nb, seconds = execute(ROOT / "solutions" / f"{chapter}.ipynb", tmp_path / f"{chapter}.ipynb")
+    outcomes = checks.outcomes_in_notebook(nb)
+    expected = list(checks.CHAPTER_CHECKS[chapter])
+    assert [name for _, name, _ in outcomes] == expected, outcomes
+    failed = [(i, name) for i, name, ok in outcomes if not ok]
+    assert not failed, "\n".join(text({"source": [o.get("text", "") for o in nb["cells"][i]["outputs"]]}) for i, _ in failed)
+    assert set(check_cells(nb)) == {i for i, _, _ in outcomes}  # every check cell printed its verdict
+    print(f"{chapter}: solutions executed in {seconds:.0f} s")
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_exercise_notebook_runs_and_every_check_fails_on_the_stubs(chapter, tmp_path):
+    nb, seconds = execute(ROOT / "exercises" / f"{chapter}.ipynb", tmp_path / f"{chapter}.ipynb")  # raises on any error
+    outcomes = checks.outcomes_in_notebook(nb)
+    assert [name for _, name, _ in outcomes] == list(checks.CHAPTER_CHECKS[chapter]), outcomes
+    assert not any(ok for _, _, ok in outcomes), "a check passed on an unfinished stub"
+    for i, name, _ in outcomes:
+        printed = "".join(text({"source": o.get("text", "")}) for o in nb["cells"][i]["outputs"])
+        assert f"CHECK FAILED: {name}\n  problem:  not implemented yet: " in printed, printed
+        assert "Traceback" not in printed
+    print(f"{chapter}: exercises executed in {seconds:.0f} s")
+
+
+# ------------------------------------------------------------------ the instructors' page
+INSTRUCTORS = ROOT / "book" / "instructors.md"
+
+
+def grading_script() -> str:
+    page = INSTRUCTORS.read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    script = [b for b in blocks if b.startswith('"""Grade submitted exercise notebooks')]
+    assert len(script) == 1, "the instructors' page must keep its grading script"
+    return script[0]
+
+
+def test_instructors_page_lists_every_notebook_and_function():
+    page = INSTRUCTORS.read_text(encoding="utf-8")
+    for chapter, names in checks.CHAPTER_CHECKS.items():
+        assert f"`exercises/{chapter}.ipynb`" in page
+        for name in names:
+            assert f"`{name}`" in page
+    assert "course.include_solutions" in page and "nbgrader" in page and "otter" in page
+    compile(grading_script(), "grade.py", "exec")
+
+
+@pytest.mark.notebooks
+def test_grading_script_grades_a_submission(tmp_path):
+    import nbformat
+
+    cells = [
+        "import torch",
+        "def responsibilities(log_weights, gold_log_probs):\n    return torch.softmax(log_weights + gold_log_probs, dim=-1)",
+        "def em_step(log_weights, gold_log_probs):\n    raise NotImplementedError('not yet')",
+        "1 / 0  # a broken cell must not stop the grading",
+        "def data_dependent_log_weights(w, s):\n    return torch.log_softmax(torch.log_softmax(w, -1) + s, -1)",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = dict(exercises.KERNELSPEC)
+    submission = tmp_path / "alice" / "05_mixtures.ipynb"
+    submission.parent.mkdir()
+    nbformat.write(nb, submission)
+    (tmp_path / "grade.py").write_text(grading_script())
+    proc = subprocess.run([sys.executable, "grade.py", "05_mixtures", str(submission)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{submission}: 2/3" in proc.stdout
+    rows = (tmp_path / "grades-05_mixtures.csv").read_text().splitlines()
+    assert rows[0] == "notebook,score,out of,responsibilities,em_step,data_dependent_log_weights"
+    assert rows[1].endswith(",2,3,True,False,True")
