@@ -157,6 +157,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from .models import load_model
 
+    if args.command in ("tune", "reproduce") and "," in args.answer_space:
+        raise ValueError(f"--answer-space: {args.command} takes one answer space, got {args.answer_space!r}")
     lm = load_model(args.model, device=args.device)
     relations = _relations(args.relations)
     if args.command == "probe":

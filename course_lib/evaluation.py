@@ -74,7 +74,11 @@ def ranks_of(log_probs: torch.Tensor, gold: torch.Tensor, allowed: torch.Tensor 
     gold_score = scores.gather(1, gold[:, None])
     # Count every id scoring at least as high as the gold one, itself included: a tie is no hit
     # (a model that gives many answers the same score must not be credited with P@1).
-    return (scores >= gold_score).sum(dim=1)
+    ranks = (scores >= gold_score).sum(dim=1)
+    # A NaN score for the gold answer compares false with everything (rank 0, a "hit"): rank it
+    # last instead, so a model that outputs NaN can never look perfect.
+    n_allowed = scores.shape[1] if allowed is None else int(allowed.sum())
+    return torch.where(gold_score.squeeze(1).isnan(), torch.full_like(ranks, max(n_allowed, 1)), ranks)
 
 
 def answer_form_template(lm: ClozeLM, prompts: Sequence[EncodedPrompt]) -> Template:

@@ -243,3 +243,11 @@ def test_summary_groups_and_nan_for_nothing_kept():
     for col in ("micro_p_at_1", "macro_p_at_1", "micro_mrr", "macro_p_at_10"):
         assert math.isnan(s.loc["each", col])
     assert (s.loc["each", "kept"], s.loc["each", "dropped"], s.loc["each", "relations"]) == (0, 20, 2)
+
+
+def test_nan_gold_score_ranks_last_not_first() -> None:
+    log_probs = torch.tensor([[0.1, float("nan"), -1.0], [0.0, -1.0, -2.0]])
+    ranks = ranks_of(log_probs, torch.tensor([1, 0]))
+    assert ranks.tolist() == [3, 1]
+    allowed = torch.tensor([True, True, False])
+    assert ranks_of(log_probs, torch.tensor([1, 0]), allowed).tolist() == [2, 1]

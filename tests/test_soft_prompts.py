@@ -16,7 +16,7 @@ from course_lib.data import Fact
 from course_lib.models import load_model
 from course_lib.soft_prompts import SoftPrompt, embedding_stats, init_random, nearest_tokens, resolve_depth
 from course_lib.templates import Template
-from course_lib.testing import FAMILY_OF, TINY_MODEL_NAMES
+from course_lib.testing import TINY_MODEL_NAMES
 from course_lib.training import TuneConfig, tune
 
 DEPTHS = (0, 1, "all")
