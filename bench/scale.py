@@ -1,5 +1,7 @@
 """Benchmark 5: evaluation facts/s and peak memory at several batch sizes, to size a run.
 
+Batch sizes run in ascending order in this one process (run_all gives them a fresh subprocess).
+
     python bench/scale.py [--model gemma-3-270m] [--quick] [--batch-sizes 1,4,16,64,256] [--facts N]
 """
 
