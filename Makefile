@@ -11,7 +11,8 @@
 #   make clean    remove _build/ and test caches (keeps .venv, node_modules, results/, runs/)
 #   make distclean   clean, and remove .venv and node_modules too
 #
-# Pieces, for use after `make setup`: test-unit, book-build, test-notebooks, test-site.
+# Pieces, for use after `make setup`: test-unit, book-build, test-notebooks, test-exercises, test-site.
+#   make exercises   regenerate exercises/ and solutions/ from exercises/source/
 #
 # Variables (make VAR=value, or the environment):
 #   BOOK_BUDGET     budget the chapters run at (default ci; gpu for the full runs)
@@ -43,7 +44,7 @@ ENV := . scripts/env.sh;
 # A timestamped banner for each phase (no commas or quotes in the text).
 phase = @echo "==> [$$(date '+%Y-%m-%d %H:%M:%S')] $(1)"
 
-.PHONY: help setup setup-book setup-test book book-build test test-unit test-notebooks test-site \
+.PHONY: help setup setup-book setup-test book book-build test test-unit test-notebooks test-exercises exercises test-site \
         bench clean distclean
 
 help:
@@ -83,12 +84,12 @@ book-build:
 # Tests. Every pytest run here fails the target on any non-zero exit, 5 (no tests collected)
 # included: never wrap these in `|| true` or turn exit 5 into success.
 # ---------------------------------------------------------------------------------------------
-test: setup-test test-unit book-build test-notebooks test-site
+test: setup-test test-unit book-build test-notebooks test-exercises test-site
 	$(call phase,make test: all phases passed)
 
 test-unit:
 	$(call phase,unit tests: pytest -m not-site over tests/ incl. the gemma marker)
-	$(ENV) $(PY) -m pytest -q -m "not site" $(PYTEST_ARGS)
+	$(ENV) $(PY) -m pytest -q -m "not site and not notebooks" $(PYTEST_ARGS)
 
 # nbval re-executes every executed chapter and compares the outputs of the cells tagged
 # `nbval-check-output` (rounded key numbers) with those of the papermill run. Results cached by
@@ -105,6 +106,16 @@ test-notebooks:
 	$(call phase,reproducibility: chapter 3 re-executed from an empty results cache)
 	$(ENV) test -f $(COLD_CHAPTER) || { echo "missing $(COLD_CHAPTER)"; exit 1; }; \
 	  cold=$$(mktemp -d); trap 'rm -rf "$$cold"' EXIT; COURSE_LIB_RESULTS_CACHE=$$cold $(NBVAL) $(COLD_CHAPTER)
+
+# After the book build, so that the experiments the exercises share with the chapters are cached.
+test-exercises:
+	$(call phase,exercises: sources in sync; solutions pass every check; exercises fail every check)
+	$(ENV) $(PY) -m course_lib.exercises --check
+	$(ENV) $(PY) -m pytest -q -m notebooks tests/test_exercises.py
+
+exercises:
+	$(call phase,regenerate exercises/ and solutions/ from exercises/source/)
+	$(ENV) $(PY) -m course_lib.exercises
 
 test-site:
 	$(call phase,site tests: the built book in headless Chromium)

@@ -92,6 +92,15 @@ cp -R "$ROOT/book" "$STAGE/book"
 cp -R "$ROOT/_build/executed/book/." "$STAGE/book/"
 find "$STAGE/book" -name '*.partial.ipynb' -delete
 cp "$ROOT/_toc.yml" "$STAGE/_toc.yml"
+# The exercise pages: the worked solutions (code folded, answers in closed dropdowns) or, for a
+# course that grades them, the student versions; `course.include_solutions` in _config.yml decides.
+include=$(python -c 'import yaml; c = yaml.safe_load(open("_config.yml")); print(1 if (c.get("course") or {}).get("include_solutions", True) else 0)')
+mkdir -p "$STAGE/exercises"
+if [[ "$include" == 1 ]]; then
+  cp "$ROOT"/solutions/[0-9][0-9]_*.ipynb "$STAGE/exercises/"
+else
+  cp "$ROOT"/exercises/[0-9][0-9]_*.ipynb "$STAGE/exercises/"
+fi
 sed 's/^\(  *execute_notebooks:\).*/\1 "off"/' "$ROOT/_config.yml" > "$STAGE/_config.yml"
 grep -q 'execute_notebooks: "off"' "$STAGE/_config.yml" || { echo "ERROR: could not turn execution off in the staged _config.yml" >&2; exit 1; }
 ln -s "$STATIC" "$STAGE/_build/.offline_static"

@@ -30,7 +30,8 @@ def walk(node):
             for child in node.get(key, []) or []:
                 yield from walk(child)
 for f in walk(toc):
-    if Path(f + ".ipynb").is_file():
+    # Chapters only: exercise pages are shown unexecuted (tests/test_exercises.py runs them).
+    if f.startswith("book/") and Path(f + ".ipynb").is_file():
         print(f + ".ipynb")
 PY
 )
