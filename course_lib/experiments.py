@@ -9,6 +9,7 @@ cached on disk keyed by everything that decides them, so re-executing a chapter 
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import time
@@ -21,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .cloze import ClozeLM
-from .data import cache_dir, check_relations, load_facts, load_prompts
-from .evaluation import score_facts
+from .data import DataError, cache_dir, check_relations, load_facts, load_prompts
+from .evaluation import answer_form_template, score_facts
 from .mixture import effective_prompts
 from .probing import answer_mask, best_template_on_dev, take
 from .results import counts_of, make_row
@@ -86,7 +87,10 @@ def rung(name: str) -> Rung:
 
 def select_templates(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budget) -> list[Template]:
     """The templates a rung uses: LAMA's; the best mined one on dev; or the top mined ones for a mixture."""
-    templates = [t for t in load_prompts(r.prompt_set, dataset, relation) if lm.covers(t)]
+    try:
+        templates = [t for t in load_prompts(r.prompt_set, dataset, relation) if lm.covers(t)]
+    except DataError:  # e.g. ConceptNet has no LPAQA prompts: the rung is reported as not covered
+        return []
     if not templates:
         return []
     if r.prompt_set == "lama" and not r.mixture:
@@ -157,7 +161,8 @@ def run_rung(
                    split=split, answer_space=answer_space)
     extra: dict[str, Any] = {"budget": budget_name, "seed": config.seed, "templates": json.dumps([t.text for t in templates])}
     if not templates:
-        empty = score_facts(lm, load_prompts(r.prompt_set, dataset, relation)[:1], test)
+        # No prompt of this rung exists or can be answered by this model: every fact is dropped as uncovered.
+        empty = score_facts(lm, [], test)
         return make_row(lm, row_key, counts_of(empty, len(test)), empty.metrics(), **extra)
     allowed = answer_mask(lm, answer_space, dataset, relation, templates)
     if r.tuned:
@@ -166,6 +171,13 @@ def run_rung(
         ckpt = None
         if checkpoint_dir is not None:
             ckpt = Path(checkpoint_dir) / lm.name / dataset / relation / f"{rung_name}-{key}.safetensors"
+        if not any(lm.answer_id(f.object, answer_form_template(lm, [lm.encode_prompt(t) for t in templates])) for f in train):
+            # Nothing to tune on (e.g. Google-RE dates are several tokens for Gemma): report, don't crash.
+            # The counts say why test facts drop; no metric is given, since nothing was tuned.
+            untuned = score_facts(lm, templates, test, allowed=allowed)
+            extra["note"] = "no training fact has a single-token object for this model: not tuned"
+            nan = {m: math.nan for m in untuned.metrics()}
+            return make_row(lm, row_key, counts_of(untuned, len(test)), nan, **extra)
         result = tune(lm, templates, train, dev, config, allowed=allowed, checkpoint=ckpt, progress=progress)
         scored = score_facts(lm, templates, test, log_weights=result.log_weights, perturbation=result.soft.perturbation,
                              allowed=allowed, data_dependent=config.data_dependent, batch_size=b.batch_size * 2)
