@@ -747,7 +747,7 @@ def _ours_step(lm: ClozeLM, template: Template, lr: float):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def tokens(facts: Sequence[Fact]) -> int:
         return int(soft.batch(lm, [f.subject for f in facts], [0] * len(facts)).input_ids.numel())
@@ -782,7 +782,7 @@ def _peft_step(lm: ClozeLM, template: Template, n_virtual: int, lr: float):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def tokens(facts: Sequence[Fact]) -> int:
         ids, _, _ = inputs(facts)
@@ -947,6 +947,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     ax = axes[0, 0]
@@ -963,6 +964,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ax.set_yticks(range(len(values)), [n.replace("\n", ": ") for n in names], fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("facts/s (log scale)")
     ax.set_title("1. evaluation throughput")
     ax = axes[0, 1]
@@ -1060,7 +1062,9 @@ def _load_notes(results: dict[str, Any]) -> list[str]:
     return [f"The machine was oversubscribed (load average up to {max(loads):.1f} on {cpus} CPUs). torch's {m['torch_threads']} "
             "threads then wait for each other at every operation, so small operations (norms, rotary embeddings, "
             "elementwise attention work) take far longer than their FLOPs suggest, every variant runs several times "
-            "slower, and ratios shrink toward 1. Rerun on an idle machine for numbers to quote."]
+            "slower, and ratios shrink toward 1. Rerun on an idle machine for numbers to quote; on a shared one, "
+            "OMP_WAIT_POLICY=PASSIVE in the environment (threads sleep instead of spinning) or the scripts' --threads 1 "
+            "gives steadier numbers."]
 
 
 def _load_text(load: Sequence[float] | None) -> str:

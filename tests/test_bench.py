@@ -156,6 +156,7 @@ def test_scale() -> None:
 
 
 # ---------------------------------------------------------------------------------------- run_all
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside PEFT
 def test_run_all_writes_the_report(tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("peft")
     pytest.importorskip("matplotlib")

@@ -387,7 +387,8 @@ def visit(browser, base_url, site_dir):
         for key, value in browser.execute_script(_JS_FACTS).items():
             setattr(report, key, value)
         report.title = report.title.replace("#", "").strip()
-        name = docname.rsplit("/", 1)[-1]
+        # book/07_x and exercises/07_x share a file name: keep the folder in the screenshot's name.
+        name = docname.replace("/", "__")
         report.screenshot = full_page_screenshot(browser, SCREENSHOTS / f"{name}.png")
         report.console_errors, report.requests = _drain_logs(browser)
         cache[docname] = report
