@@ -801,8 +801,9 @@ def mixture_templates(lm: ClozeLM, relation: str = DEFAULT_RELATION, prompt_set:
     return templates
 
 
-def _epoch(lm: ClozeLM, templates: Sequence[Template], facts: Sequence[Fact], batch_size: int, lr: float, depth: int | str = 0):
-    """training.tune's epoch (no dev evaluation, no shuffling): E step, weighted log-loss, Adam, M step."""
+def training_epoch(lm: ClozeLM, templates: Sequence[Template], facts: Sequence[Fact], batch_size: int, lr: float, depth: int | str = 0):
+    """(run, n): ``run()`` does one of training.tune's epochs over the n usable facts (no dev
+    evaluation, no shuffling): E step, weighted log-loss, Adam, M step."""
     soft = SoftPrompt(lm, templates, depth)
     K = len(templates)
     opt = torch.optim.Adam(soft.parameters(), lr=lr)
@@ -841,7 +842,7 @@ def mixtures(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, prompt_set: str =
         usable = [1] + usable
     form = answer_form_template(lm, [lm.encode_prompt(t) for t in templates[: max(usable)]])
     facts, remapped = bench_facts(lm, form, n_facts, relation, splits=("train", "dev", "test"))
-    runs = {k: _epoch(lm, templates[:k], facts, batch_size, lr) for k in usable}
+    runs = {k: training_epoch(lm, templates[:k], facts, batch_size, lr) for k in usable}
     runs[1][0]()  # one warm-up epoch before any timing, whatever ``warmup`` says
     # Interleaved (K = 1, 5, ..., then again): time(1), the baseline of every ratio, sees the same load as the rest.
     timed = measure({str(k): runs[k][0] for k in usable}, repeats=repeats, warmup=warmup, device=lm.device)
@@ -873,7 +874,7 @@ def depth(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, depths: Sequence[int
     facts, remapped = bench_facts(lm, template, batch_size, relation, splits=("train", "dev", "test"))
     chosen = sorted({resolve_depth(d, lm) for d in depths if d == "all" or int(d) <= lm.n_layers})  # deeper than the model: skipped
     names = {d: f"all ({d})" if d == lm.n_layers else str(d) for d in chosen}
-    fns = {names[d]: _epoch(lm, [template], facts, batch_size, lr, depth=d)[0] for d in chosen}
+    fns = {names[d]: training_epoch(lm, [template], facts, batch_size, lr, depth=d)[0] for d in chosen}
     times = measure(fns, repeats=repeats, warmup=warmup, device=lm.device)
     base = median(times[names[chosen[0]]])
     per = {names[d]: {"depth": d, "trained_rows": d + 1, "seconds": times[names[d]], "median_s": median(times[names[d]]),

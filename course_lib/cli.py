@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +18,7 @@ from .models import DEFAULT_MODEL, ModelUnavailable
 from .probing import HardMethod
 from .results import format_table, summarize, write_table
 from .templates import TemplateError
+from .training import LR_PER_SPREAD
 
 
 def _relations(text: str | None) -> list[str] | None:
@@ -47,10 +47,12 @@ def _depth(text: str) -> str:
 
 
 def _shard(text: str) -> str:
+    if text == "auto":
+        return text
     i, sep, n = text.partition("/")
     if sep and i.isdigit() and n.isdigit() and int(i) < int(n):
         return text
-    raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, e.g. 0/4; got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, e.g. 0/4, or auto; got {text!r}")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--depth", default="0", type=_depth, help="0: soft prompt at the input; all: every layer (deep perturbation); or a number")
     t.add_argument("--data-dependent", action="store_true", help="mixture weights that also depend on the subject")
     t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--lr", type=float, help=f"Adam's step size (default: {LR_PER_SPREAD} x the median spread of the model's embedding coordinates)")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--patience", type=int, default=3)
     t.add_argument("--seed", type=int, default=0)
@@ -99,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r)
     r.add_argument("--grid", default="paper", choices=["paper"])
     r.add_argument("--budget", default="ci", choices=["ci", "laptop", "gpu"], help="ci: minutes on CPU; laptop; gpu: everything")
-    r.add_argument("--shard", default="0/1", type=_shard, help="i/n: run every n-th job starting at i (for job arrays); merge the tables after")
+    r.add_argument("--shard", default="0/1", type=_shard, help="i/n: run every n-th job starting at i; auto: i/n from a Slurm array task or the rank of "
+                        "torchrun / accelerate launch. Each shard writes OUT with -shard{i}of{n} before the extension; "
+                        "`merge` combines them")
     r.add_argument("--checkpoints", default="runs")
 
     m = sub.add_parser("merge", help="merge shard tables of `reproduce` into one")
@@ -118,7 +122,7 @@ def _print_result(table: pd.DataFrame, out: Path) -> None:
     print(format_table(table))
     summary = summarize(table)
     print("\nSummary (micro = facts pooled; macro = mean over relations):")
-    cols = [c for c in ["method", "prompt_set", "relations", "kept", "dropped", "micro_p_at_1", "macro_p_at_1",
+    cols = [c for c in ["method", "prompt_set", "answer_space", "relations", "kept", "dropped", "micro_p_at_1", "macro_p_at_1",
                         "micro_p_at_10", "micro_mrr"] if c in summary.columns]
     print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"\nwrote {write_table(table, out)}")
@@ -186,54 +190,51 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from .experiments import reproduce
 
-        i, n = (int(x) for x in args.shard.split("/"))
+        from .experiments import shard_from_env
+
+        i, n = shard_from_env() if args.shard == "auto" else (int(x) for x in args.shard.split("/"))
         table = reproduce(lm, args.dataset, args.grid, args.budget, relations, (i, n), args.answer_space, args.checkpoints)
-        suffix = f"-shard{i}of{n}" if n > 1 else ""
-        _print_result(table, _default_out(args, f"reproduce-{args.grid}-{args.budget}{suffix}"))
+        out = _default_out(args, f"reproduce-{args.grid}-{args.budget}")
+        if n > 1:  # every shard its own file, even when all share one --out (job arrays, launchers)
+            out = out.with_name(f"{out.stem}-shard{i}of{n}{out.suffix}")
+        _print_result(table, out)
     return 0
 
 
 def _tune(lm, args: argparse.Namespace, relations: list[str] | None) -> pd.DataFrame:
-    from .data import check_relations, load_facts, load_prompts
-    from .evaluation import score_facts
-    from .mixture import effective_prompts
-    from .probing import answer_mask, best_template_on_dev, take
-    from .results import counts_of, make_row
-    from .training import TuneConfig, tune
+    from .data import check_relations, load_prompts
+    from .experiments import tune_and_score
+    from .probing import best_template_on_dev
+    from .training import TuneConfig
 
     config = TuneConfig(init="random" if args.init == "random" else "template", depth=args.depth if args.depth == "all" else int(args.depth),
                         lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
                         data_dependent=args.data_dependent)
     prompt_set = "lama" if args.init in ("lama", "random") else args.init
     k = None if args.mixture.lower() in ("k", "all") else int(args.mixture)
-    if k is not None and k < 1:
-        raise ValueError(f"--mixture must be at least 1, or K/all; got {args.mixture!r}")
     method = f"soft-{args.init}" + (f"-mixture{k or 'K'}" if k != 1 else "") + ("-deep" if args.depth != "0" else "")
     rows = []
     for rel in check_relations(args.dataset, relations):
         templates = [t for t in load_prompts(prompt_set, args.dataset, rel) if lm.covers(t)]
+        if not templates:
+            print(f"{rel}: no template {lm.name} can answer (needs [X] before [Y]); skipped", file=sys.stderr)
+            continue
         if any(t.weight is not None for t in templates):
             templates.sort(key=lambda t: -(t.weight or 0.0))
         if k == 1 and len(templates) > 1:
             templates = [best_template_on_dev(lm, args.dataset, rel, templates, args.answer_space, args.max_dev)[0]]
         elif k is not None:
             templates = templates[:k]
-        test = take(load_facts(args.dataset, rel, "test"), args.max_test)
         key = dict(model=lm.name, dataset=args.dataset, relation=rel, prompt_set=prompt_set, method=method, split="test",
                    answer_space=args.answer_space)
-        if not templates:
-            print(f"{rel}: no template {lm.name} can answer (needs [X] before [Y]); skipped", file=sys.stderr)
-            continue
-        allowed = answer_mask(lm, args.answer_space, args.dataset, rel, templates)
         ckpt = Path(args.checkpoints) / lm.name.replace("/", "_") / args.dataset / rel / f"{method}-seed{args.seed}.safetensors"
-        result = tune(lm, templates, take(load_facts(args.dataset, rel, "train"), args.max_train),
-                      take(load_facts(args.dataset, rel, "dev"), args.max_dev), replace(config), allowed=allowed, checkpoint=ckpt)
-        if result.resumed_from is not None:
-            print(f"{rel}: resumed from the checkpoint of epoch {result.resumed_from + 1} ({ckpt})")
-        scored = score_facts(lm, templates, test, log_weights=result.log_weights, perturbation=result.soft.perturbation,
-                             allowed=allowed, data_dependent=config.data_dependent)
-        rows.append(make_row(lm, key, counts_of(scored, len(test)), scored.metrics(), best_epoch=result.best_epoch,
-                             best_dev_p_at_1=result.best_dev_p1, effective_prompts=effective_prompts(result.log_weights),
-                             seed=args.seed, checkpoint=str(ckpt)))
-        print(f"{rel}: best dev P@1 {result.best_dev_p1:.3f} at epoch {result.best_epoch + 1}; checkpoint {ckpt}")
+        row = tune_and_score(lm, args.dataset, rel, templates, config, key, max_train=args.max_train, max_dev=args.max_dev,
+                             max_test=args.max_test, checkpoint=ckpt)
+        if row.get("note"):
+            print(f"{rel}: {row['note']}", file=sys.stderr)
+        else:
+            if row["resumed_from_epoch"] is not None:
+                print(f"{rel}: resumed from the checkpoint of epoch {row['resumed_from_epoch'] + 1} ({ckpt})")
+            print(f"{rel}: best dev P@1 {row['best_dev_p_at_1']:.3f} at epoch {row['best_epoch'] + 1}; checkpoint {ckpt}")
+        rows.append(row)
     return pd.DataFrame(rows)

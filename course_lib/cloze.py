@@ -116,6 +116,8 @@ class ClozeLM:
         self._install_hooks()
         self._encode = lru_cache(maxsize=4096)(self._encode_uncached)
         self._tokens = lru_cache(maxsize=1 << 16)(self._tokens_uncached)
+        # Per-dimension (mean, std) of the frozen embedding table, filled once by soft_prompts.embedding_stats.
+        self._embedding_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ structure
     @property

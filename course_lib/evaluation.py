@@ -177,8 +177,9 @@ def score_facts_in_spaces(
     gold_t = torch.tensor([g for _, g in scorable], dtype=torch.long)
     ranks = {name: torch.zeros(len(scorable), dtype=torch.long) for name in spaces}
     top10 = {name: torch.zeros(len(scorable), 10, dtype=torch.long) for name in spaces}
-    # Similar lengths together: less padding; results are written back in the original order.
-    order = sorted(range(len(scorable)), key=lambda i: len(scorable[i][0].subject))
+    # Similar token counts together: less padding; results are written back in the original order.
+    first = prompts[usable[0]]
+    order = sorted(range(len(scorable)), key=lambda i: len(lm.subject_ids(scorable[i][0].subject, first)))
     per_batch = max(1, batch_size // len(usable))
     bar = tqdm(total=len(order), desc=progress if isinstance(progress, str) else "scoring", disable=not progress, leave=False)
     start = 0

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -28,7 +28,7 @@ from .mixture import effective_prompts
 from .probing import answer_mask, best_template_on_dev, take
 from .results import counts_of, make_row
 from .templates import Template
-from .training import TuneConfig, tune
+from .training import TuneConfig, resolved, tune
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,53 @@ def _write_cached(path: Path, row: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def tune_and_score(
+    lm: ClozeLM,
+    dataset: str,
+    relation: str,
+    templates: Sequence[Template],
+    config: TuneConfig,
+    row_key: dict[str, str],
+    *,
+    max_train: int | None = None,
+    max_dev: int | None = None,
+    max_test: int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Tune ``templates`` on the relation's train facts (best state on dev), score the split: one results row.
+
+    ``row_key`` names the row (see ``results.make_row``); its split is the one scored. ``extra``
+    columns are added to the row. A relation with no single-token training object is reported
+    (counts, no metric), not crashed on.
+    """
+    config = resolved(config, lm)
+    split, answer_space = row_key["split"], row_key["answer_space"]
+    test = take(load_facts(dataset, relation, split), max_test)
+    allowed = answer_mask(lm, answer_space, dataset, relation, templates)
+    train = take(load_facts(dataset, relation, "train"), max_train)
+    extra.update(seed=config.seed, config=json.dumps(asdict(config)), templates=json.dumps([t.text for t in templates]))
+    form = answer_form_template(lm, [lm.encode_prompt(t) for t in templates])
+    if not any(lm.answer_id(f.object, form) for f in train):
+        # Nothing to tune on (e.g. Google-RE dates are several tokens for Gemma). The counts say
+        # why test facts drop; no metric is given, since nothing was tuned.
+        untuned = score_facts(lm, templates, test, allowed=allowed)
+        extra["note"] = "no training fact has a single-token object for this model: not tuned"
+        return make_row(lm, row_key, counts_of(untuned, len(test)), {m: math.nan for m in untuned.metrics()}, **extra)
+    dev = take(load_facts(dataset, relation, "dev"), max_dev)
+    result = tune(lm, templates, train, dev, config, allowed=allowed, checkpoint=checkpoint, progress=progress)
+    scored = score_facts(lm, templates, test, log_weights=result.log_weights, perturbation=result.soft.perturbation,
+                         allowed=allowed, data_dependent=config.data_dependent, batch_size=config.batch_size * 2)
+    extra.update(best_epoch=result.best_epoch, best_dev_p_at_1=result.best_dev_p1, epochs_run=len(result.history),
+                 history=json.dumps(result.history), weights=json.dumps(torch.softmax(result.log_weights, 0).tolist()),
+                 effective_prompts=effective_prompts(result.log_weights),
+                 seconds_per_epoch=float(sum(h["seconds"] for h in result.history) / max(len(result.history), 1)))
+    if checkpoint is not None:
+        extra.update(checkpoint=str(checkpoint), resumed_from_epoch=result.resumed_from)
+    return make_row(lm, row_key, counts_of(scored, len(test)), scored.metrics(), **extra)
+
+
 def run_rung(
     lm: ClozeLM,
     dataset: str,
@@ -139,58 +186,52 @@ def run_rung(
     rung_name: str,
     budget_name: str = "ci",
     *,
-    config: TuneConfig | None = None,
+    lr: float | None = None,
+    seed: int = 0,
     answer_space: str = "full",
     split: str = "test",
     checkpoint_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """One results row: a rung of the ladder on one relation, trained (if tuned) and evaluated."""
+    """One results row: a rung of the ladder on one relation, trained (if tuned) and evaluated.
+
+    The budget decides the data and the training length; ``lr`` (default: ``training.default_lr``
+    of the model) and ``seed`` are the only training settings a caller changes.
+    """
     r, b = rung(rung_name), budget(budget_name)
-    config = replace(config or TuneConfig(), init=r.init, depth=r.depth, data_dependent=r.data_dependent,
-                     epochs=(config.epochs if config else b.epochs), batch_size=b.batch_size, patience=b.patience)
+    config = TuneConfig(init=r.init, depth=r.depth, data_dependent=r.data_dependent, lr=lr, seed=seed,
+                        epochs=b.epochs, batch_size=b.batch_size, patience=b.patience)
+    if r.tuned:
+        config = resolved(config, lm)  # the concrete step size is part of the key
     key = _cache_key(lm, dataset, relation, r, b, config, answer_space) + f"-{split}"
     cache_path = results_cache_dir() / f"{relation}-{rung_name}-{key}.json"
     if use_cache and (cached := _read_cached(cache_path)) is not None:
         return cached
     t0 = time.perf_counter()
-    test = take(load_facts(dataset, relation, split), b.max_test)
     templates = select_templates(lm, dataset, relation, r, b)
     row_key = dict(model=lm.name, dataset=dataset, relation=relation, prompt_set=r.prompt_set, method=r.name,
                    split=split, answer_space=answer_space)
-    extra: dict[str, Any] = {"budget": budget_name, "seed": config.seed, "templates": json.dumps([t.text for t in templates])}
+    extra: dict[str, Any] = {"budget": budget_name, "seed": seed, "templates": json.dumps([t.text for t in templates])}
     if not templates:
         # No prompt of this rung exists or can be answered by this model: every fact is dropped as uncovered.
+        test = take(load_facts(dataset, relation, split), b.max_test)
         empty = score_facts(lm, [], test)
         return make_row(lm, row_key, counts_of(empty, len(test)), empty.metrics(), **extra)
-    allowed = answer_mask(lm, answer_space, dataset, relation, templates)
     if r.tuned:
-        train = take(load_facts(dataset, relation, "train"), b.max_train)
-        dev = take(load_facts(dataset, relation, "dev"), b.max_dev)
         ckpt = None
         if checkpoint_dir is not None:
             ckpt = Path(checkpoint_dir) / lm.name / dataset / relation / f"{rung_name}-{key}.safetensors"
-        if not any(lm.answer_id(f.object, answer_form_template(lm, [lm.encode_prompt(t) for t in templates])) for f in train):
-            # Nothing to tune on (e.g. Google-RE dates are several tokens for Gemma): report, don't crash.
-            # The counts say why test facts drop; no metric is given, since nothing was tuned.
-            untuned = score_facts(lm, templates, test, allowed=allowed)
-            extra["note"] = "no training fact has a single-token object for this model: not tuned"
-            nan = {m: math.nan for m in untuned.metrics()}
-            return make_row(lm, row_key, counts_of(untuned, len(test)), nan, **extra)
-        result = tune(lm, templates, train, dev, config, allowed=allowed, checkpoint=ckpt, progress=progress)
-        scored = score_facts(lm, templates, test, log_weights=result.log_weights, perturbation=result.soft.perturbation,
-                             allowed=allowed, data_dependent=config.data_dependent, batch_size=b.batch_size * 2)
-        extra.update(best_epoch=result.best_epoch, best_dev_p_at_1=result.best_dev_p1,
-                     epochs_run=len(result.history), history=json.dumps(result.history),
-                     weights=json.dumps(torch.softmax(result.log_weights, 0).tolist()),
-                     effective_prompts=effective_prompts(result.log_weights),
-                     seconds_per_epoch=float(sum(h["seconds"] for h in result.history) / max(len(result.history), 1)),
-                     config=json.dumps(asdict(config)))
+        row = tune_and_score(lm, dataset, relation, templates, config, row_key, max_train=b.max_train,
+                             max_dev=b.max_dev, max_test=b.max_test, checkpoint=ckpt, progress=progress, budget=budget_name)
+        if row.get("note"):
+            return row  # not tuned: nothing worth caching
     else:
+        test = take(load_facts(dataset, relation, split), b.max_test)
+        allowed = answer_mask(lm, answer_space, dataset, relation, templates)
         scored = score_facts(lm, templates, test, allowed=allowed, batch_size=b.batch_size * 2)
-    extra["seconds"] = time.perf_counter() - t0
-    row = make_row(lm, row_key, counts_of(scored, len(test)), scored.metrics(), **extra)
+        row = make_row(lm, row_key, counts_of(scored, len(test)), scored.metrics(), **extra)
+    row["seconds"] = time.perf_counter() - t0
     if use_cache:
         _write_cached(cache_path, row)
     return row
@@ -221,6 +262,30 @@ def reproduce(
         rows.append(run_rung(lm, dataset, rel, name, budget_name, answer_space=answer_space,
                              checkpoint_dir=checkpoint_dir, progress=False))
     return pd.DataFrame(rows)
+
+
+def shard_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """This process's (i, n): a Slurm array task, a rank of torchrun / ``accelerate launch``, or (0, 1).
+
+    Slurm arrays must be numbered consecutively (``--array=0-7`` or ``1-8``); ranks come from the
+    launcher's RANK and WORLD_SIZE.
+    """
+    env = os.environ if env is None else env
+    try:
+        if "SLURM_ARRAY_TASK_ID" in env:
+            n = int(env["SLURM_ARRAY_TASK_COUNT"])
+            i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            source = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
+        elif "WORLD_SIZE" in env:
+            i, n = int(env.get("RANK", "0")), int(env["WORLD_SIZE"])
+            source = "RANK/WORLD_SIZE"
+        else:
+            return 0, 1
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"--shard auto: cannot read this process's shard from the environment ({type(err).__name__}: {err})") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard auto: {source} give shard {i}/{n}, expected 0 <= i < n (is the Slurm array numbered 0..n-1?)")
+    return i, n
 
 
 def merge_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:

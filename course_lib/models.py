@@ -87,7 +87,8 @@ def choose_device(device: str | None = None) -> torch.device:
     if device:
         return torch.device(device)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        # One process per GPU under torchrun or `accelerate launch`: each takes its local rank's GPU.
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")

@@ -92,6 +92,9 @@ def embedding_stats(lm: ClozeLM, chunk: int = 16384) -> tuple[torch.Tensor, torc
     Read through the embedding module (in chunks, the table can be 262k rows) so that scaled
     embeddings such as Gemma's sqrt(hidden) factor are measured in the space the offsets live in.
     """
+    # The table is frozen, so one pass per model serves every call (random inits, default_lr).
+    if (cached := getattr(lm, "_embedding_stats", None)) is not None:
+        return cached
     total = torch.zeros(lm.hidden_size, dtype=torch.float64)
     total_sq = torch.zeros(lm.hidden_size, dtype=torch.float64)
     n = lm.model.get_input_embeddings().num_embeddings
@@ -101,7 +104,8 @@ def embedding_stats(lm: ClozeLM, chunk: int = 16384) -> tuple[torch.Tensor, torc
         total_sq += (e * e).sum(0)
     mean = total / n
     std = (total_sq / n - mean * mean).clamp_min(0).sqrt()
-    return mean.float(), std.float()
+    lm._embedding_stats = (mean.float(), std.float())
+    return lm._embedding_stats
 
 
 @torch.no_grad()

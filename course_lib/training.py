@@ -13,7 +13,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,7 +26,7 @@ from .cloze import ClozeLM
 from .data import Fact
 from .evaluation import answer_form_template, score_facts
 from .mixture import data_dependent_log_weights, m_step_weights, responsibilities
-from .soft_prompts import Init, SoftPrompt, init_random
+from .soft_prompts import Init, SoftPrompt, embedding_stats, init_random
 from .templates import Template
 
 
@@ -40,7 +40,7 @@ class TuneConfig:
 
     init: str = Init.TEMPLATE.value
     depth: int | str = 0
-    lr: float = 3e-3
+    lr: float | None = None  # None: ``default_lr`` of the model being tuned
     epochs: int = 10
     batch_size: int = 16
     patience: int = 3
@@ -53,8 +53,25 @@ class TuneConfig:
         for name in ("epochs", "batch_size", "patience"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TuneConfig.{name} must be at least 1, got {getattr(self, name)!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TuneConfig.lr must be a positive number, got {self.lr!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TuneConfig.lr must be a positive number or None (the model's default_lr), got {self.lr!r}")
+
+
+# Adam moves every coordinate by about the learning rate per step, whatever the gradient's size,
+# so a learning rate only means something against the spread of the space it moves in: Gemma
+# multiplies its word vectors by sqrt(640), BERT's coordinates spread by a few hundredths.
+LR_PER_SPREAD = 0.1
+
+
+def default_lr(lm: ClozeLM) -> float:
+    """``LR_PER_SPREAD`` times the median spread (standard deviation) of the embedding table's coordinates."""
+    _, std = embedding_stats(lm)
+    return LR_PER_SPREAD * float(std.median())
+
+
+def resolved(config: TuneConfig, lm: ClozeLM) -> TuneConfig:
+    """``config`` with its learning rate made concrete for ``lm`` (what checkpoints and results record)."""
+    return config if config.lr is not None else replace(config, lr=default_lr(lm))
 
 
 @dataclass
@@ -173,7 +190,7 @@ def tune(
     ``checkpoint`` names a .safetensors file: written at each epoch's end, resumed from if present.
     ``stop_after_epoch`` ends the run early, as an interruption would (for tests and the book).
     """
-    config = config or TuneConfig()
+    config = resolved(config or TuneConfig(), lm)
     templates = [t for t in templates if lm.covers(t)]
     if not templates:
         raise ValueError(f"none of the templates can be answered by {lm.name} (a causal LM needs [X] before [Y])")

@@ -10,26 +10,15 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 
-from course_lib import bench, data
+from course_lib import bench
 from course_lib.cloze import ClozeLM
 
-SHARED = (
-    Path(os.environ["COURSE_LIB_DATA"]).expanduser()
-    if os.environ.get("COURSE_LIB_DATA")
-    else Path(__file__).resolve().parents[2] / "shared" / "data"
-)
-
-
-@pytest.fixture(autouse=True)
-def shared(monkeypatch):
-    if not SHARED.is_dir():
-        pytest.skip(f"no shared data folder at {SHARED}")
-    monkeypatch.setenv(data.ENV_VAR, str(SHARED))
+# The benchmarks read their facts from the shared folder.
+pytestmark = pytest.mark.usefixtures("shared")
 
 
 @functools.cache

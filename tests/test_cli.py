@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -70,6 +73,21 @@ def test_tune_writes_a_checkpoint_and_a_row_and_a_rerun_resumes(tmp_path: Path, 
     pd.testing.assert_frame_equal(again[KEY_COLUMNS + METRICS + ["best_dev_p_at_1"]], first[KEY_COLUMNS + METRICS + ["best_dev_p_at_1"]])
 
 
+def test_tune_reports_a_relation_with_nothing_to_train_on_and_goes_on(tmp_path: Path, capsys) -> None:
+    # Google-RE's birth dates are several tokens for every model here: that relation is reported,
+    # the next one is still tuned, and both rows reach the table.
+    argv = ["tune", "--model", "tiny-gpt2", "--dataset", "google_re", "--relations", "date_of_birth,place_of_birth",
+            "--epochs", "1", "--max-train", "16", "--max-dev", "8", "--max-test", "8",
+            "--checkpoints", tmp_path / "ckpts", "--out", tmp_path / "tune.csv"]
+    code, stdout, err = call(argv, capsys)
+    assert code == 0, err[-2000:]
+    assert "date_of_birth: no training fact has a single-token object" in err
+    table = pd.read_csv(tmp_path / "tune.csv").set_index("relation")
+    assert list(table.index) == ["date_of_birth", "place_of_birth"]
+    assert pd.isna(table.loc["date_of_birth", "p_at_1"]) and not pd.isna(table.loc["place_of_birth", "p_at_1"])
+    assert table.loc["place_of_birth", "kept"] > 0
+
+
 def reproduce(argv: list[str], tmp: Path, capsys, monkeypatch) -> tuple[int, str]:
     monkeypatch.setenv("COURSE_LIB_RESULTS_CACHE", str(tmp / "cache"))
     code, stdout, err = call(["reproduce", "--model", "tiny-bert", "--budget", "ci", "--relations", "P103",
@@ -91,12 +109,14 @@ def test_reproduce_runs_the_ladder_and_shards_merge_to_the_same_table(tmp_path: 
     assert (table["relation"] == "P103").all() and (table["kept"] > 0).all()
 
     # Each shard starts from an empty cache and checkpoint folder, so its rows are recomputed.
+    # One --out for both, as a job array gives it: each shard writes its own file beside it.
     shards = []
     for i in range(2):
-        shard = tmp_path / f"shard{i}.csv"
-        reproduce(["--shard", f"{i}/2", "--out", shard], tmp_path / f"shard{i}", capsys, monkeypatch)
+        reproduce(["--shard", f"{i}/2", "--out", tmp_path / "ladder.csv"], tmp_path / f"shard{i}", capsys, monkeypatch)
+        shard = tmp_path / f"ladder-shard{i}of2.csv"
         shards.append(shard)
         assert list(pd.read_csv(shard)["method"]) == [r.name for r in LADDER][i::2]
+    assert not (tmp_path / "ladder.csv").exists()
     merged = tmp_path / "merged.csv"
     code, stdout, _ = call(["merge", *shards, shards[0], "--out", merged], capsys)  # a shard given twice
     assert code == 0 and "Summary" in stdout
@@ -128,3 +148,18 @@ def test_bad_arguments_exit_2_with_a_message_naming_them(argv: list[str], named:
     assert named in err, err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_shard_auto_under_a_real_launcher_splits_the_ladder(tmp_path: Path) -> None:
+    # torchrun (what `accelerate launch --multi_gpu` runs underneath) sets RANK and WORLD_SIZE for
+    # each of its processes; on CPU the two processes share the machine.
+    env = {**os.environ, "COURSE_LIB_RESULTS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "course_lib",
+           "reproduce", "--model", "tiny-gpt2", "--relations", "P103", "--shard", "auto",
+           "--checkpoints", str(tmp_path / "runs"), "--out", str(tmp_path / "ladder.csv")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = [pd.read_csv(tmp_path / f"ladder-shard{i}of2.csv") for i in range(2)]
+    for i, shard in enumerate(shards):
+        assert list(shard["method"]) == [r.name for r in LADDER][i::2]
+    assert not (tmp_path / "ladder.csv").exists()

@@ -41,14 +41,7 @@ CAUSAL_PAIRS = [
     ("[X] was born in [Y] .", "Kaliningrad Oblast of the Russian Federation"),
 ]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy shared machine extra threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,26 +22,16 @@ from course_lib.data import (
     relations,
 )
 
-SHARED = (
-    Path(os.environ["COURSE_LIB_DATA"]).expanduser()
-    if os.environ.get("COURSE_LIB_DATA")
-    else Path(__file__).resolve().parents[2] / "shared" / "data"
-)
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no shared data folder at {SHARED}")
-
 
 @pytest.fixture
-def shared(monkeypatch):
-    """Read the shared data folder in place."""
-    if not SHARED.is_dir():
-        pytest.skip(f"no shared data folder at {SHARED}")
-    monkeypatch.setenv(data.ENV_VAR, str(SHARED))
+def shared(shared, monkeypatch) -> Path:
+    """Read the shared data folder in place, with no download mirror from the developer's environment."""
     monkeypatch.delenv(dl.URL_BASE_ENV, raising=False)
-    return SHARED
+    return shared
 
 
-def read_tsv(name: str) -> list[dict[str, str]]:
-    with open(SHARED / name, newline="", encoding="utf-8") as f:
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
@@ -62,10 +51,9 @@ TREX_COLUMNS = {
 }
 
 
-@needs_shared
 @pytest.mark.parametrize("dataset", list(TREX_COLUMNS))
 def test_trex_fact_counts_match_the_published_table(shared, dataset):
-    rows = [r for r in read_tsv("counts_trex.tsv") if r["relation"] != "TOTAL"]
+    rows = [r for r in read_tsv(shared / "counts_trex.tsv") if r["relation"] != "TOTAL"]
     assert relations(dataset) == sorted(r["relation"] for r in rows)
     assert len(rows) == 41
     wrong = {}
@@ -77,7 +65,6 @@ def test_trex_fact_counts_match_the_published_table(shared, dataset):
     assert wrong == {}
 
 
-@needs_shared
 def test_trex_totals_match_the_readme(shared):
     totals = {
         "trex_original": (29_029, 7_255, 34_039),
@@ -89,10 +76,9 @@ def test_trex_totals_match_the_readme(shared):
         assert got == expected, dataset
 
 
-@needs_shared
 @pytest.mark.parametrize("dataset, n_relations", [("google_re", 3), ("conceptnet", 16)])
 def test_google_re_and_conceptnet_counts(shared, dataset, n_relations):
-    rows = [r for r in read_tsv("counts_googlere_conceptnet.tsv") if r["dataset"] == dataset]
+    rows = [r for r in read_tsv(shared / "counts_googlere_conceptnet.tsv") if r["dataset"] == dataset]
     assert len(rows) == n_relations
     assert relations(dataset) == sorted(r["relation"] for r in rows)
     got = {r["relation"]: tuple(len(load_facts(dataset, r["relation"], s)) for s in data.SPLITS) for r in rows}
@@ -100,9 +86,8 @@ def test_google_re_and_conceptnet_counts(shared, dataset, n_relations):
     assert got == expected
 
 
-@needs_shared
 def test_facts_are_read_line_by_line(shared):
-    path = SHARED / "soft_prompts/db/trex_original/P19/test.jsonl"
+    path = shared / "soft_prompts/db/trex_original/P19/test.jsonl"
     facts = load_facts("trex_original", "P19", "test")
     assert len(facts) == non_empty_lines(path)
     first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
@@ -110,9 +95,8 @@ def test_facts_are_read_line_by_line(shared):
     assert all(isinstance(f.subject, str) and isinstance(f.object, str) and f.subject and f.object for f in facts)
 
 
-@needs_shared
 def test_lpaqa_prompt_counts_and_lama_templates(shared):
-    rows = [r for r in read_tsv("counts_trex.tsv") if r["relation"] != "TOTAL"]
+    rows = [r for r in read_tsv(shared / "counts_trex.tsv") if r["relation"] != "TOTAL"]
     wrong = {}
     for r in rows:
         rel = r["relation"]
@@ -127,18 +111,16 @@ def test_lpaqa_prompt_counts_and_lama_templates(shared):
         if got != expected:
             wrong[rel] = (got, expected)
     assert wrong == {}
-    total = next(r for r in read_tsv("counts_trex.tsv") if r["relation"] == "TOTAL")
+    total = next(r for r in read_tsv(shared / "counts_trex.tsv") if r["relation"] == "TOTAL")
     assert (int(total["lpaqa_mine_prompts"]), int(total["lpaqa_para_prompts"])) == (1166, 1073)
 
 
-@needs_shared
 def test_google_re_and_conceptnet_prompt_counts(shared):
     count = lambda ps, ds: sum(len(load_prompts(ps, ds, r)) for r in relations(ds))  # noqa: E731
     assert [count(ps, "google_re") for ps in ("lama", "lpaqa-mine", "lpaqa-paraphrase")] == [3, 98, 84]
     assert count("lama", "conceptnet") == 149
 
 
-@needs_shared
 def test_relation_info(shared):
     p19 = relation_info("trex_original", "P19")
     assert (p19.id, p19.label, p19.type, p19.template) == ("P19", "place of birth", "N-1", "[X] was born in [Y] .")
@@ -150,7 +132,6 @@ def test_relation_info(shared):
     assert relation_info("conceptnet", "AtLocation").template == "You are likely to find a [X] in a [Y]."
 
 
-@needs_shared
 @pytest.mark.parametrize("dataset", ["trex_original", "trex_extend", "trex_distinct"])
 def test_every_trex_prompt_set_loads(shared, dataset):
     found = {ps: load_prompts(ps, dataset, "P19") for ps in data.PROMPT_SETS}
@@ -165,7 +146,7 @@ def test_every_trex_prompt_set_loads(shared, dataset):
     manual = found["lpaqa-manual"]
     assert manual[0].text == "[X] was born in [Y] ." and manual[1].text == "[X] was born in [Y]."
     assert all(t.weight is None for t in manual)
-    assert len(manual) == non_empty_lines(SHARED / "lpaqa/prompt/manual_paraphrase/P19.txt")
+    assert len(manual) == non_empty_lines(shared / "lpaqa/prompt/manual_paraphrase/P19.txt")
     for model in ("bert", "roberta"):
         (trigger,) = found[f"autoprompt-{model}"]
         assert trigger.weight is None and f"fact_retrieval_{model}_prompts.jsonl:" in trigger.source
@@ -173,14 +154,12 @@ def test_every_trex_prompt_set_loads(shared, dataset):
     assert found["autoprompt-bert"][0].text != found["autoprompt-roberta"][0].text
 
 
-@needs_shared
 def test_autoprompt_template_is_the_relations_line(shared):
     (t,) = load_prompts("autoprompt-bert", "trex_original", "P1001")
     assert t.text == "[X]vik nationwide disabilities policing within [Y]."
     assert t.source.endswith("fact_retrieval_bert_prompts.jsonl:1")
 
 
-@needs_shared
 def test_google_re_and_conceptnet_prompt_sets(shared):
     for ps in ("lama", "lpaqa-mine", "lpaqa-paraphrase"):
         assert load_prompts(ps, "google_re", "date_of_birth")
@@ -202,7 +181,6 @@ def valid_list(msg: str) -> list[str]:
     return msg.split("Valid: ", 1)[1].split(", ")
 
 
-@needs_shared
 def test_unknown_dataset(shared):
     with pytest.raises(DataError) as info:
         load_facts("trex", "P19", "test")
@@ -215,7 +193,6 @@ def test_unknown_dataset(shared):
         load_prompts("lama", "lama", "P19")
 
 
-@needs_shared
 def test_unknown_relation(shared):
     with pytest.raises(DataError) as info:
         load_facts("trex_original", "P999", "test")
@@ -232,7 +209,6 @@ def test_unknown_relation(shared):
         load_facts("conceptnet", "P19", "train")
 
 
-@needs_shared
 def test_unknown_split(shared):
     with pytest.raises(DataError) as info:
         load_facts("trex_original", "P19", "valid")
@@ -240,7 +216,6 @@ def test_unknown_split(shared):
     assert valid_list(str(info.value)) == ["train", "dev", "test"]
 
 
-@needs_shared
 def test_unknown_prompt_set(shared):
     with pytest.raises(DataError) as info:
         load_prompts("lpaqa", "trex_original", "P19")
@@ -415,29 +390,28 @@ def test_empty_prompt_file(fake):
 # without COURSE_LIB_DATA: download into the per-user cache
 
 
-@needs_shared
-def test_downloads_into_the_cache_without_the_env_var(monkeypatch, tmp_path):
+def test_downloads_into_the_cache_without_the_env_var(shared_dir, monkeypatch, tmp_path):
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv(dl.URL_BASE_ENV, SHARED.as_uri())
+    monkeypatch.setenv(dl.URL_BASE_ENV, shared_dir.as_uri())
     root = tmp_path / "cache" / "course_lib" / "data"
     assert data_root() == root
 
     # listing relations needs no download: the registry knows the files
-    assert relations("trex_original") == sorted(p.name for p in (SHARED / "soft_prompts/db/trex_original").iterdir())
-    assert relations("conceptnet") == sorted(p.name for p in (SHARED / "soft_prompts/db/conceptnet").iterdir())
+    assert relations("trex_original") == sorted(p.name for p in (shared_dir / "soft_prompts/db/trex_original").iterdir())
+    assert relations("conceptnet") == sorted(p.name for p in (shared_dir / "soft_prompts/db/conceptnet").iterdir())
     assert not root.exists()
 
     facts = load_facts("trex_original", "P19", "test")
     rel = "soft_prompts/db/trex_original/P19/test.jsonl"
-    assert (root / rel).read_bytes() == (SHARED / rel).read_bytes()
-    assert len(facts) == non_empty_lines(SHARED / rel)
+    assert (root / rel).read_bytes() == (shared_dir / rel).read_bytes()
+    assert len(facts) == non_empty_lines(shared_dir / rel)
     assert data_path(rel) == root / rel
 
     assert relation_info("trex_original", "P19").label == "place of birth"
     assert (root / "lama/relations.jsonl").is_file()
     assert [t.text for t in load_prompts("autoprompt-roberta", "trex_original", "P19")] == [
-        t.text for t in _shared_prompts(monkeypatch, "autoprompt-roberta")
+        t.text for t in _shared_prompts(monkeypatch, shared_dir, "autoprompt-roberta")
     ]
     with pytest.raises(DataError, match="unknown relation 'P999'"):
         load_prompts("lama", "trex_original", "P999")
@@ -449,7 +423,7 @@ def test_downloads_into_the_cache_without_the_env_var(monkeypatch, tmp_path):
     ]
 
 
-def _shared_prompts(monkeypatch, prompt_set):
+def _shared_prompts(monkeypatch, root: Path, prompt_set):
     with monkeypatch.context() as m:
-        m.setenv(data.ENV_VAR, str(SHARED))
+        m.setenv(data.ENV_VAR, str(root))
         return load_prompts(prompt_set, "trex_original", "P19")

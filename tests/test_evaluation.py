@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -28,12 +26,6 @@ from course_lib.models import load_model
 from course_lib.results import summarize
 from course_lib.templates import Template
 
-SHARED = (
-    Path(os.environ["COURSE_LIB_DATA"]).expanduser()
-    if os.environ.get("COURSE_LIB_DATA")
-    else Path(__file__).resolve().parents[2] / "shared" / "data"
-)
-
 BORN = Template("[X] was born in [Y] .")
 FACTS = [
     Fact("Dante", "Florence"),
@@ -47,21 +39,7 @@ FACTS = [
 SMALL_SPACE = ["Florence", "Paris", "Germany", "Berlin", "Rome", "Tokyo", "Kaliningrad"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy shared machine extra threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def shared(monkeypatch):
-    if not SHARED.is_dir():
-        pytest.skip(f"no shared data folder at {SHARED}")
-    monkeypatch.setenv(data.ENV_VAR, str(SHARED))
-    return SHARED
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,29 +16,11 @@ from course_lib.models import load_model
 from course_lib.probing import answer_mask, probe, take
 from course_lib.results import KEY_COLUMNS, NUMBER_COLUMNS, summarize
 
-SHARED = (
-    Path(os.environ["COURSE_LIB_DATA"]).expanduser()
-    if os.environ.get("COURSE_LIB_DATA")
-    else Path(__file__).resolve().parents[2] / "shared" / "data"
-)
 REL = "P103"  # native language: many objects are single tokens even for the tiny models
 N = 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy shared machine extra threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def shared(monkeypatch):
-    if not SHARED.is_dir():
-        pytest.skip(f"no shared data folder at {SHARED}")
-    monkeypatch.setenv(data.ENV_VAR, str(SHARED))
+pytestmark = pytest.mark.usefixtures("one_thread", "shared")
 
 
 @functools.cache

@@ -86,6 +86,25 @@ def test_tune_refuses_what_it_cannot_train() -> None:
         tune(lm_for(), lama(), [Fact("Dante", "Kaliningrad")], dev, progress=False)
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma3"])
+def test_default_lr_is_a_tenth_of_the_embedding_spread(name: str) -> None:
+    lm = load_model(name)
+    table = lm.embedding_output(torch.arange(lm.model.get_input_embeddings().num_embeddings)).double()
+    spread = table.std(0, unbiased=False).median().item()
+    assert training.default_lr(lm) == pytest.approx(training.LR_PER_SPREAD * spread, rel=1e-4)
+    if name == "tiny-gemma3":  # scaled embeddings: the step grows with them
+        raw = lm.model.get_input_embeddings().weight.double().std(0, unbiased=False).median().item()
+        assert training.default_lr(lm) > 2 * training.LR_PER_SPREAD * raw
+
+
+def test_an_unset_lr_is_the_models_default_and_recorded_as_a_number() -> None:
+    base = dict(init="random", epochs=1, batch_size=8, seed=3)
+    implicit = run(TuneConfig(**base))
+    explicit = run(TuneConfig(**base, lr=training.default_lr(lm_for())))
+    assert implicit.config.lr == explicit.config.lr == training.default_lr(lm_for())
+    assert torch.equal(implicit.soft.offsets, explicit.soft.offsets)
+
+
 # ---------------------------------------------------------------------------------------- reproducibility
 def test_same_seed_gives_bit_identical_runs() -> None:
     a, b = run(CONFIG), run(CONFIG)
