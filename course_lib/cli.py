@@ -13,12 +13,13 @@ from pathlib import Path
 import pandas as pd
 
 from .data import DATASETS, PROMPT_SETS, SPLITS, DataError
+from .download import ChecksumMismatch, DataNotFound
 from .evaluation import AnswerSpace
 from .models import DEFAULT_MODEL, ModelUnavailable
 from .probing import HardMethod
 from .results import format_table, summarize, write_table
 from .templates import TemplateError
-from .training import LR_PER_SPREAD
+from .training import LR_PER_SPREAD, CheckpointError
 
 
 def _relations(text: str | None) -> list[str] | None:
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (DataError, TemplateError, ModelUnavailable, ValueError) as err:
+    # Errors whose message already says what is wrong and how to fix it: no traceback needed.
+    except (DataError, TemplateError, ModelUnavailable, ValueError, CheckpointError, ChecksumMismatch, DataNotFound) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

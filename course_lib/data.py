@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -137,10 +138,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
     Reads with utf-8-sig so that a BOM is ignored; CRLF line ends are accepted.
     """
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    text = _read_text(path)
     # Lines end at "\n" (an optional "\r" before it is dropped): str.splitlines would also split
     # at characters such as \x1e or \u2028 inside a value and number the lines wrongly.
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -154,6 +152,16 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(record, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
         yield lineno, record
+
+
+def _read_text(path: Path) -> str:
+    """The file's text (a BOM ignored); bytes that are not UTF-8 raise DataError naming file, line and byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}, line {line})") from None
 
 
 def _string_field(record: dict[str, Any], key: str, path: Path, lineno: int) -> str:
@@ -207,15 +215,16 @@ def read_templates(path: Path) -> list[Template]:
     """Templates from a jsonl file ({"template": ..., "weight"?: ...}) or a plain text file, one a line."""
     out: list[Template] = []
     if path.suffix == ".txt":
-        lines = path.read_text(encoding="utf-8-sig").split("\n")  # numbered as read_jsonl numbers them
+        lines = _read_text(path).split("\n")  # numbered as read_jsonl numbers them
         records = [(n, {"template": line.strip()}) for n, line in enumerate(lines, 1) if line.strip()]
     else:
         records = list(read_jsonl(path))
     for n, r in records:
         text = _string_field(r, "template", path, n)
         weight = r.get("weight")
-        if weight is not None and not isinstance(weight, (int, float)):
-            raise DataError(f"{path}:{n}: 'weight' must be a number, got {weight!r}")
+        # bool is an int to Python, and JSON parsers accept NaN and Infinity: none is a weight.
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight)):
+            raise DataError(f"{path}:{n}: 'weight' must be a finite number, got {weight!r}")
         try:
             out.append(Template(text, None if weight is None else float(weight), f"{path}:{n}"))
         except TemplateError as err:

@@ -40,13 +40,18 @@ class DropReason(str, Enum):
 
 @dataclass
 class Scored:
-    """The facts kept, their gold ids and ranks (1 = top), the top-10 predictions, and the dropped counts."""
+    """The facts kept, their gold ids and ranks (1 = top), the top-10 predictions, and the dropped counts.
+
+    ``truncated`` counts kept facts whose subject was cut to fit the model's context (under at
+    least one prompt): they are scored, but on part of the subject.
+    """
 
     facts: list[Fact]
     gold: torch.Tensor
     ranks: torch.Tensor
     top10: torch.Tensor
     dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
 
     @property
     def kept(self) -> int:
@@ -177,6 +182,7 @@ def score_facts_in_spaces(
     gold_t = torch.tensor([g for _, g in scorable], dtype=torch.long)
     ranks = {name: torch.zeros(len(scorable), dtype=torch.long) for name in spaces}
     top10 = {name: torch.zeros(len(scorable), 10, dtype=torch.long) for name in spaces}
+    cut = torch.zeros(len(scorable), dtype=torch.bool)
     # Similar token counts together: less padding; results are written back in the original order.
     first = prompts[usable[0]]
     order = sorted(range(len(scorable)), key=lambda i: len(lm.subject_ids(scorable[i][0].subject, first)))
@@ -186,10 +192,13 @@ def score_facts_in_spaces(
     while start < len(order):
         idx = order[start : start + per_batch]
         try:
-            mix = _mixture_log_probs(lm, prompts, usable, [scorable[i][0].subject for i in idx], lw, perturbation, data_dependent)
-        except torch.OutOfMemoryError:
+            mix, was_cut = _mixture_log_probs(lm, prompts, usable, [scorable[i][0].subject for i in idx], lw, perturbation, data_dependent)
+        except torch.OutOfMemoryError as err:
             if per_batch == 1:
-                raise
+                raise torch.OutOfMemoryError(
+                    f"out of memory on {lm.device} scoring even 1 fact per batch ({len(usable)} prompts in one forward "
+                    "pass), so a smaller batch_size cannot help: use another device (device='cpu', --device cpu), "
+                    "fewer templates or a smaller model") from err
             per_batch = max(1, per_batch // 2)
             warnings.warn(f"out of memory on {lm.device}: scoring {per_batch} facts per batch from now on "
                           "(pass a smaller batch_size to avoid this)", RuntimeWarning, stacklevel=2)
@@ -198,6 +207,7 @@ def score_facts_in_spaces(
             continue
         start += len(idx)
         bar.update(len(idx))
+        cut[idx] = was_cut
         for name, mask in spaces.items():
             ranks[name][idx] = ranks_of(mix, gold_t[idx], mask)
             masked = mix if mask is None else mix.masked_fill(~mask, -math.inf)
@@ -206,17 +216,23 @@ def score_facts_in_spaces(
     out = {}
     for name in spaces:
         sel = torch.tensor(members[name], dtype=torch.long)
-        out[name] = Scored([scorable[i][0] for i in members[name]], gold_t[sel], ranks[name][sel], top10[name][sel], dropped[name])
+        out[name] = Scored([scorable[i][0] for i in members[name]], gold_t[sel], ranks[name][sel], top10[name][sel], dropped[name],
+                           int(cut[sel].sum()))
     return out
 
 
 def _mixture_log_probs(lm: ClozeLM, prompts: Sequence[EncodedPrompt], usable: list[int], subjects: list[str],
-                       log_weights: torch.Tensor, perturbation: Perturbation | None, data_dependent: bool) -> torch.Tensor:
-    """log sum_k pi_k p_k(. | subject) over the vocabulary, [B, V]: all K prompts in one forward pass."""
+                       log_weights: torch.Tensor, perturbation: Perturbation | None,
+                       data_dependent: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """log sum_k pi_k p_k(. | subject) over the vocabulary, [B, V]: all K prompts in one forward pass.
+
+    Also [B] flags: whether the subject was cut to fit the context under any of the prompts.
+    """
     batch = lm.build_batch(prompts, [s for s in subjects for _ in usable], [k for _ in subjects for k in usable])
     logp = lm.blank_log_probs(batch, perturbation).view(len(subjects), len(usable), -1)
     weights = log_weights.to(logp.device)[None, :]
     if data_dependent:
         subject_ll = lm.subject_log_likelihood(batch, perturbation).view(len(subjects), len(usable))
         weights = data_dependent_log_weights(weights, subject_ll)
-    return torch.logsumexp(logp + weights[:, :, None], dim=1).cpu()
+    truncated = batch.extras["truncated"].view(len(subjects), len(usable)).any(dim=1)
+    return torch.logsumexp(logp + weights[:, :, None], dim=1).cpu(), truncated

@@ -107,7 +107,7 @@ def select_templates(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budge
 
 
 def _cache_key(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budget, config: TuneConfig, answer_space: str) -> str:
-    blob = json.dumps({"model": lm.name, "dataset": dataset, "relation": relation, "rung": asdict(r),
+    blob = json.dumps({"model": lm.name, "revision": lm.revision, "dataset": dataset, "relation": relation, "rung": asdict(r),
                        "budget": asdict(b), "config": asdict(config), "space": answer_space, "v": 1}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -212,7 +212,11 @@ def run_rung(
     templates = select_templates(lm, dataset, relation, r, b)
     row_key = dict(model=lm.name, dataset=dataset, relation=relation, prompt_set=r.prompt_set, method=r.name,
                    split=split, answer_space=answer_space)
-    extra: dict[str, Any] = {"budget": budget_name, "seed": seed, "templates": json.dumps([t.text for t in templates])}
+    # A hard rung samples nothing and trains nothing: no seed decides it. A tuned rung's row gets
+    # its seed and full TuneConfig from tune_and_score.
+    extra: dict[str, Any] = {"budget": budget_name, "seed": seed if r.tuned else None,
+                             "config": json.dumps({"rung": asdict(r), "budget": asdict(b), "answer_space": answer_space}, sort_keys=True),
+                             "templates": json.dumps([t.text for t in templates])}
     if not templates:
         # No prompt of this rung exists or can be answered by this model: every fact is dropped as uncovered.
         test = take(load_facts(dataset, relation, split), b.max_test)

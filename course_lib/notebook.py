@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -16,22 +17,38 @@ from .experiments import results_cache_dir
 def cached_frame(name: str, key: dict[str, Any], compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
     """``compute()``'s table, cached on disk under a hash of ``key`` (put every setting that matters in it).
 
-    The entry is written to a temporary file and renamed into place, so an interrupted execution
-    never leaves half a table to be read back.
+    An entry is one JSON file: the table as CSV text and that text's sha256. It is written to a
+    temporary file and renamed into place, so an interrupted execution never leaves half a table;
+    an entry damaged anyway (a disk error, a hand edit, a copy cut short) fails its checksum and is
+    recomputed. A bare CSV cut at a line end would read back as a shorter, plausible table.
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = results_cache_dir() / "tables" / f"{name}-{digest}.csv"
-    if path.is_file():
-        try:
-            return pd.read_csv(path)
-        except (OSError, ValueError, pd.errors.ParserError):
-            pass  # unreadable: recompute below
+    path = results_cache_dir() / "tables" / f"{name}-{digest}.json"
+    if (table := _read_table_entry(path)) is not None:
+        return table
     table = compute()
+    csv = table.to_csv(index=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table.to_csv(tmp, index=False)
+    tmp.write_text(json.dumps({"sha256": _sha256(csv), "csv": csv}), encoding="utf-8")
     os.replace(tmp, path)
     return table
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_table_entry(path: Path) -> pd.DataFrame | None:
+    """The cached table at ``path``, or None if there is none or it is not intact."""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        csv = entry["csv"]
+        if not isinstance(csv, str) or entry["sha256"] != _sha256(csv):
+            return None
+        return pd.read_csv(io.StringIO(csv))
+    except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError):
+        return None
 
 
 def top_answers(lm, template_text: str, subject: str, k: int = 10) -> pd.DataFrame:

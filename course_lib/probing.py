@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from typing import Sequence
 
@@ -98,5 +99,9 @@ def probe(
                 key = dict(model=lm.name, dataset=dataset, relation=rel, prompt_set=prompt_set, method=method.value,
                            split=split, answer_space=space.value)
                 s = scored[space.value]
-                rows.append(make_row(lm, key, counts_of(s, len(facts)), s.metrics(), template=label))
+                # No seed: a hard probe samples nothing and trains nothing, so its result is decided
+                # by the model, the data and this config alone.
+                config = json.dumps({"prompt_set": prompt_set, "method": method.value, "batch_size": batch_size,
+                                     "max_facts": max_facts, "answer_space": space.value}, sort_keys=True)
+                rows.append(make_row(lm, key, counts_of(s, len(facts)), s.metrics(), template=label, seed=None, config=config))
     return pd.DataFrame(rows)

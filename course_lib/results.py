@@ -18,31 +18,47 @@ from typing import Any, Iterable
 import pandas as pd
 
 KEY_COLUMNS = ["model", "dataset", "relation", "prompt_set", "method", "split", "answer_space"]
-NUMBER_COLUMNS = ["facts", "kept", "dropped", "p_at_1", "p_at_10", "mrr"]
+NUMBER_COLUMNS = ["facts", "kept", "dropped", "truncated", "p_at_1", "p_at_10", "mrr"]
 
 
+# Once per process: the code that computes the rows is the code imported at its start.
 @lru_cache(maxsize=1)
-def provenance() -> dict[str, str]:
-    """Library versions, machine and git commit: what a results row needs to be re-run."""
+def provenance() -> dict[str, Any]:
+    """Library versions, machine and git state: what a results row needs to be re-run."""
     import torch
     import transformers
 
     from . import __version__
 
-    try:
-        here = Path(__file__).resolve().parent
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    commit, dirty = git_state(Path(__file__).resolve().parent)
     return {
         "course_lib": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "git_commit": commit or "unknown",
+        "git_commit": commit,
+        "git_dirty": dirty,
     }
+
+
+def git_state(folder: Path) -> tuple[str, bool | None]:
+    """(short commit, whether tracked files have uncommitted changes) of the checkout holding ``folder``.
+
+    ("unknown", None) outside a git checkout (an installed package) or without git. Untracked
+    files (results, caches) do not make a checkout dirty, as with ``git describe --dirty``.
+    """
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=5)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return "unknown", None
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    return head.stdout.strip(), dirty
 
 
 def make_row(lm, key: dict[str, Any], scored_counts: dict[str, Any], metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
@@ -96,4 +112,5 @@ def counts_of(scored, facts_total: int) -> dict[str, Any]:
         "kept": scored.kept,
         "dropped": facts_total - scored.kept,
         "dropped_reasons": json.dumps(dict(scored.dropped), sort_keys=True),
+        "truncated": scored.truncated,
     }

@@ -12,6 +12,8 @@ every example of a batch, whatever its prompt, is perturbed by one gather per la
 
 from __future__ import annotations
 
+import math
+
 from enum import Enum
 from typing import Sequence
 
@@ -124,10 +126,17 @@ def init_random(soft: SoftPrompt, lm: ClozeLM, generator: torch.Generator) -> No
         soft.offsets[k, 0, : len(ids)] = (draw - lm.embedding_output(ids).cpu()).to(soft.offsets.device)
 
 
-def nearest_tokens(lm: ClozeLM, vectors: torch.Tensor, k: int = 5) -> list[list[str]]:
+def nearest_tokens(lm: ClozeLM, vectors: torch.Tensor, k: int = 5, chunk: int = 16384) -> list[list[str]]:
     """The k vocabulary tokens whose embeddings are closest (cosine) to each vector."""
-    table = lm.embedding_output(torch.arange(lm.model.get_input_embeddings().num_embeddings))
-    table = torch.nn.functional.normalize(table, dim=-1)
-    v = torch.nn.functional.normalize(vectors.float().to(table.device), dim=-1)
-    top = (v @ table.T).topk(k, dim=-1).indices.cpu()
-    return [[lm.tokenizer.decode([int(i)]) for i in row] for row in top]
+    n = lm.model.get_input_embeddings().num_embeddings
+    v = torch.nn.functional.normalize(vectors.float().to(lm.device), dim=-1)
+    best_sim = torch.full((len(v), 0), -math.inf, device=lm.device)
+    best_id = torch.zeros((len(v), 0), dtype=torch.long, device=lm.device)
+    # In chunks: the whole normalised table of a 262k-token vocabulary would take most of a GiB.
+    for start in range(0, n, chunk):
+        ids = torch.arange(start, min(n, start + chunk), device=lm.device)
+        sims = v @ torch.nn.functional.normalize(lm.embedding_output(ids), dim=-1).T
+        sims, idx = torch.cat([best_sim, sims], 1), torch.cat([best_id, ids.expand(len(v), -1)], 1)
+        best_sim, pos = sims.topk(min(k, sims.shape[1]), dim=-1)
+        best_id = idx.gather(1, pos)
+    return [[lm.tokenizer.decode([int(i)]) for i in row] for row in best_id.cpu()]

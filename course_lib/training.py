@@ -121,10 +121,10 @@ def _accumulate_gradients(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str]
 
 
 def _identity(lm: ClozeLM, templates: Sequence[Template], config: TuneConfig) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: model, templates and the result-deciding config."""
+    """What a checkpoint must match to be resumed: model name and weights, templates, the result-deciding config."""
     cfg = asdict(config)
     cfg.pop("epochs")  # more epochs may be asked of a finished run
-    return {"model": lm.name, "templates": [t.text for t in templates], "config": cfg}
+    return {"model": lm.name, "revision": lm.revision, "templates": [t.text for t in templates], "config": cfg}
 
 
 _CHECKPOINT_TENSORS = ("offsets", "log_weights", "best.offsets", "best.log_weights")
@@ -251,9 +251,12 @@ def tune(
                 try:
                     loss, r = _accumulate_gradients(lm, soft, subjects, gold, log_weights, config.data_dependent, chunk)
                     break
-                except torch.OutOfMemoryError:
+                except torch.OutOfMemoryError as err:
                     if chunk == 1:
-                        raise
+                        raise torch.OutOfMemoryError(
+                            f"out of memory on {lm.device} even with 1 training fact per forward pass ({K} prompts, "
+                            f"depth {config.depth}), so a smaller batch_size cannot help: use another device "
+                            "(device='cpu', --device cpu), fewer templates or a smaller model") from err
                     opt.zero_grad(set_to_none=True)
                     chunk = max(1, chunk // 2)
                     warnings.warn(f"out of memory on {lm.device}: processing each batch of {config.batch_size} in "

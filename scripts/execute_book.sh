@@ -3,8 +3,8 @@
 # _build/executed/<same path>.ipynb, and print how long each took. The site is built from these
 # executed notebooks (scripts/build_book.sh) and nbval re-runs them (make test-notebooks).
 #
-# A chapter is re-executed only when its source is newer than its executed copy or the budget
-# changed; expensive results inside chapters are cached on disk anyway (course_lib.experiments).
+# A chapter is re-executed only when its source or the library (course_lib/) is newer than its
+# executed copy, or the budget changed; expensive results inside chapters are cached on disk anyway (course_lib.experiments).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -40,7 +40,8 @@ times="$OUT/times.tsv"
 for nb in "${notebooks[@]}"; do
   dest="$OUT/$nb"
   mkdir -p "$(dirname "$dest")"
-  if [[ -f "$dest" && "$dest" -nt "$nb" ]]; then
+  # Up to date: executed after the chapter and after every change to the library it runs on.
+  if [[ -f "$dest" && "$dest" -nt "$nb" && -z "$(find course_lib -name '*.py' -newer "$dest" -print -quit)" ]]; then
     echo "==> $nb: up to date"
     grep -P "^\Q$nb\E\t" "$times" >> "$times.new" 2>/dev/null || true
     continue

@@ -11,8 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import torch
+
 from course_lib.data import DataError, read_facts, read_templates
-from course_lib.evaluation import score_facts
+from course_lib.evaluation import score_facts, score_facts_in_spaces
+from course_lib.results import counts_of
 from course_lib.models import load_model
 from course_lib.templates import BLANK, SUBJECT, Template, TemplateError
 from course_lib.data import Fact
@@ -142,3 +145,43 @@ def test_subject_longer_than_the_context_is_cut_and_counted(gpt2) -> None:
     assert batch.extras["truncated"].tolist() == [True, False]
     assert batch.input_ids.shape[1] <= gpt2.model.config.n_positions
     assert gpt2.blank_logits(batch).shape == (2, gpt2.vocab_size)
+
+
+def test_truncated_subjects_are_counted_per_answer_space_and_still_scored(gpt2) -> None:
+    born = Template("[X] was born in [Y] .")
+    facts = [Fact("Dante " * 5000, "Paris"), Fact("Dante", "Berlin"), Fact("Goethe", "Paris")]
+    small = torch.zeros(gpt2.vocab_size, dtype=torch.bool)
+    small[gpt2.answer_id("Berlin", born)] = True  # the long subject's object is outside this space
+    scored = score_facts_in_spaces(gpt2, [born], facts, {"full": None, "small": small})
+    full = scored["full"]
+    assert full.kept == 3 and full.truncated == 1
+    assert all(1 <= int(r) <= gpt2.vocab_size for r in full.ranks)
+    assert scored["small"].kept == 1 and scored["small"].truncated == 0
+    assert counts_of(full, len(facts))["truncated"] == 1
+    assert counts_of(scored["small"], len(facts))["truncated"] == 0
+
+
+def test_a_subject_cut_under_one_prompt_of_a_mixture_counts_once(gpt2) -> None:
+    templates = [Template("[X] was born in [Y] ."), Template("[X] , who was born in the city of [Y] .")]
+    scored = score_facts(gpt2, templates, [Fact("Dante " * 5000, "Paris"), Fact("Dante", "Paris")])
+    assert scored.kept == 2 and scored.truncated == 1
+
+
+@pytest.mark.parametrize("weight", ["NaN", "Infinity", "-Infinity", "true", "false", '"0.5"', "[0.5]"])
+def test_a_template_weight_that_is_not_a_finite_number_names_file_and_line(tmp_path: Path, weight: str) -> None:
+    path = tmp_path / "P19.jsonl"
+    path.write_text('{"template": "[X] was born in [Y] .", "weight": 0.5}\n'
+                    f'{{"template": "[X] is from [Y] .", "weight": {weight}}}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"P19\.jsonl:2: 'weight' must be a finite number"):
+        read_templates(path)
+
+
+@pytest.mark.parametrize("name", ["P19.txt", "P19.jsonl"])
+def test_a_template_file_that_is_not_utf8_names_file_and_line(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    lines = ["[X] was born in [Y] .", "[X] is from [Y] ."]
+    if name.endswith(".jsonl"):
+        lines = [json.dumps({"template": t}) for t in lines]
+    path.write_bytes(lines[0].encode() + b"\n" + lines[1].encode().replace(b"from", b"fr\xe9m") + b"\n")
+    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}: not UTF-8 text .*line 2\)"):
+        read_templates(path)

@@ -123,9 +123,40 @@ def test_reproduce_runs_the_ladder_and_shards_merge_to_the_same_table(tmp_path: 
     pd.testing.assert_frame_equal(comparable(pd.read_csv(merged)), comparable(table))
 
 
+def corrupt_checkpoint(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Garbage where `tune` (with CORRUPT_TUNE's arguments) looks for its checkpoint."""
+    ckpt = tmp / "ckpts" / "tiny-gpt2" / "trex_original" / "P103" / "soft-random-seed0.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a checkpoint")
+
+
+def download_from(mirror_files: dict[str, bytes]):
+    """No local data: every file is downloaded into an empty cache from a mirror holding only ``mirror_files``."""
+    def setup(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        from course_lib import data, download
+
+        for rel, content in mirror_files.items():
+            (tmp / "mirror" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / "mirror" / rel).write_bytes(content)
+        monkeypatch.delenv(data.ENV_VAR, raising=False)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
+        monkeypatch.setenv(download.URL_BASE_ENV, (tmp / "mirror").as_uri())
+
+    return setup
+
+
+CORRUPT_TUNE = TUNE + ["--checkpoints", "{tmp}/ckpts"]
+LAMA_P103 = "soft_prompts/prompts/trex/P103.jsonl"
+
+
 @pytest.mark.parametrize(
-    "argv, named",
+    "argv, named, setup",
     [
+        (CORRUPT_TUNE, "not a readable course_lib checkpoint", corrupt_checkpoint),
+        (["probe", "--model", "tiny-bert", "--relations", "P103"], f"checksum mismatch for {LAMA_P103}",
+         download_from({LAMA_P103: b'{"template": "[X] speaks [Y] ."}\n'})),
+        (["probe", "--model", "tiny-bert", "--relations", "P103"], f"could not download {LAMA_P103}", download_from({})),
+    ] + [(argv, named, None) for argv, named in [
         (["probe", "--model", "no-such-model"], "no-such-model"),
         (["tune", "--model", "no-such-model"], "no-such-model"),
         (["probe", "--model", "tiny-bert", "--relations", "P103,P999"], "P999"),
@@ -139,11 +170,14 @@ def test_reproduce_runs_the_ladder_and_shards_merge_to_the_same_table(tmp_path: 
         (["probe", "--model", "tiny-bert", "--answer-space", "everything"], "--answer-space"),
         (["reproduce", "--model", "tiny-bert", "--relations", "P103", "--shard", "2/2"], "shard"),
         (["reproduce", "--model", "tiny-bert", "--relations", "P103", "--shard", "half"], "--shard"),
-    ],
+    ]],
 )
-def test_bad_arguments_exit_2_with_a_message_naming_them(argv: list[str], named: str, tmp_path: Path, capsys) -> None:
+def test_bad_arguments_exit_2_with_a_message_naming_them(argv: list[str], named: str, setup, tmp_path: Path, capsys,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    if setup is not None:
+        setup(tmp_path, monkeypatch)
     out = tmp_path / "out.csv"
-    code, stdout, err = call(argv + ["--out", out], capsys)
+    code, stdout, err = call([str(a).replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", out], capsys)
     assert code == 2
     assert named in err, err
     assert "Traceback" not in err

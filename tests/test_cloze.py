@@ -301,3 +301,38 @@ def test_batch_bookkeeping():
         assert own.tolist() == [k * T + p for p in range(prompts[k].n_prompt_tokens)]
         assert batch.input_ids[b, slots >= 0].tolist() == list(prompts[k].prompt_token_ids)
         assert batch.input_ids[b, batch.subject_mask[b]].tolist() == list(lm.subject_ids(["Dante", "Italy"][b], prompts[k]))
+
+
+# --------------------------------------------------------------------------------------------
+# bfloat16 autocast
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
+def test_bfloat16_autocast_runs_the_matmuls_in_bf16_and_keeps_scores_and_gradients(name):
+    from course_lib.soft_prompts import SoftPrompt
+
+    lm = lm_for(name)
+    assert lm.autocast_dtype() is None  # automatic: GPUs only
+    pairs = CAUSAL_PAIRS if lm.family is Family.CAUSAL else MASKED_PAIRS
+    batch = batch_of(lm, pairs)
+    full = lm.blank_log_probs(batch)
+    seen: list[torch.dtype] = []
+    linear = next(m for m in lm.model.modules() if isinstance(m, torch.nn.Linear))
+    handle = linear.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    lm.autocast = True
+    try:
+        half = lm.blank_log_probs(batch)
+        soft = SoftPrompt(lm, list(dict.fromkeys(Template(t) for t, _ in pairs)))
+        with torch.no_grad():
+            soft.offsets.normal_(0, 0.01)
+        loss = -lm.blank_log_probs(soft.batch(lm, [s for _, s in pairs], batch.prompt_index.tolist()), soft.perturbation)[:, 0].sum()
+        loss.backward()
+    finally:
+        lm.autocast = None
+        handle.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert half.dtype == torch.float32
+    # bf16 keeps about 3 significant digits: close to the fp32 scores, not equal to them.
+    assert not torch.equal(half, full)
+    torch.testing.assert_close(half, full, atol=0.15, rtol=0.05)
+    assert soft.offsets.grad is not None and soft.offsets.grad.dtype == torch.float32
+    assert torch.isfinite(soft.offsets.grad).all() and soft.offsets.grad.abs().sum() > 0

@@ -363,7 +363,7 @@ def test_bom_and_crlf_in_a_plain_text_prompt_file(fake):
     "content, line, says",
     [
         ('{"template": "[X] was born in [Y] ."}\n{"template": "[X] was born in Florence ."}\n', 2, "has no [Y] slot"),
-        ('{"template": "[X] was born in [Y] .", "weight": "high"}\n', 1, "'weight' must be a number"),
+        ('{"template": "[X] was born in [Y] .", "weight": "high"}\n', 1, "'weight' must be a finite number, got 'high'"),
         ('{"template": ["[X]", "[Y]"]}\n', 1, "'template' must be a string, got list"),
         ('{"text": "[X] was born in [Y] ."}\n', 1, "missing key 'template'"),
     ],

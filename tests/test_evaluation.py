@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from course_lib import data
+from course_lib import data, evaluation
 from course_lib.data import Fact, common_vocab
 from course_lib.evaluation import (
     AnswerSpace,
@@ -156,6 +156,52 @@ def test_several_spaces_at_once_equal_one_at_a_time():
         assert got.facts == alone.facts and got.dropped == alone.dropped
         assert torch.equal(got.ranks, alone.ranks) and torch.equal(got.gold, alone.gold)
         assert torch.equal(got.top10, alone.top10)
+
+
+# --------------------------------------------------------------------------------------------
+# out of memory: smaller batches, same results
+
+
+def out_of_memory_above(limit: int, sizes: list[int]):
+    """``_mixture_log_probs`` as a device would run it with room for ``limit`` facts per batch."""
+    real = evaluation._mixture_log_probs
+
+    def forward(lm, prompts, usable, subjects, *args):
+        sizes.append(len(subjects))
+        if len(subjects) > limit:
+            raise torch.OutOfMemoryError(f"simulated: no room for {len(subjects)} facts")
+        return real(lm, prompts, usable, subjects, *args)
+
+    return forward
+
+
+TWO = [BORN, Template("[X] is a native of [Y] .")]
+
+
+def test_out_of_memory_halves_the_batch_and_changes_no_result(monkeypatch: pytest.MonkeyPatch):
+    lm = bert()
+    spaces = {"full": None, "small": allowed_ids(lm, "relation", BORN, SMALL_SPACE)}
+    unconstrained = score_facts_in_spaces(lm, TWO, FACTS, spaces, batch_size=8)
+    sizes: list[int] = []
+    monkeypatch.setattr(evaluation, "_mixture_log_probs", out_of_memory_above(1, sizes))
+    with pytest.warns(RuntimeWarning, match="out of memory on cpu") as caught:
+        constrained = score_facts_in_spaces(lm, TWO, FACTS, spaces, batch_size=8)
+    assert sizes[:3] == [4, 2, 1] and set(sizes[3:]) == {1}  # 8 rows = 4 facts x 2 prompts, halved twice
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and "scoring 2 facts per batch" in messages[0] and "scoring 1 facts per batch" in messages[1]
+    for name in spaces:
+        got, want = constrained[name], unconstrained[name]
+        assert got.facts == want.facts and got.dropped == want.dropped and got.truncated == want.truncated
+        assert torch.equal(got.ranks, want.ranks) and torch.equal(got.top10, want.top10)
+
+
+def test_out_of_memory_with_one_fact_per_batch_says_what_to_do(monkeypatch: pytest.MonkeyPatch):
+    sizes: list[int] = []
+    monkeypatch.setattr(evaluation, "_mixture_log_probs", out_of_memory_above(0, sizes))
+    with pytest.warns(RuntimeWarning), pytest.raises(torch.OutOfMemoryError, match="even 1 fact per batch.*another device") as err:
+        score_facts(bert(), TWO, FACTS, batch_size=8)
+    assert sizes == [4, 2, 1]
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError) and "simulated" in str(err.value.__cause__)
 
 
 def test_common_vocabulary_space(shared):

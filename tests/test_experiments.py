@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import shutil
+import subprocess
 
 import pytest
+import torch
+import transformers
 
-from course_lib.experiments import run_rung, shard_from_env
+import course_lib
+from course_lib.experiments import _cache_key, budget, run_rung, rung, shard_from_env
 from course_lib.models import load_model
+from course_lib.probing import probe
+from course_lib.results import git_state
+from course_lib.training import TuneConfig
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +59,55 @@ def test_shard_from_env_reads_slurm_arrays_and_launcher_ranks(env: dict, shard: 
 def test_shard_from_env_names_what_is_wrong(env: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         shard_from_env(env)
+
+
+PROVENANCE = ["seed", "config", "course_lib", "torch", "transformers", "python", "model_revision", "device", "git_commit", "git_dirty"]
+
+
+@pytest.mark.parametrize("source", ["probe", "lama-hard", "soft-lama"])
+def test_every_row_records_what_made_it(gpt2, tmp_path, monkeypatch, source: str) -> None:
+    monkeypatch.setenv("COURSE_LIB_RESULTS_CACHE", str(tmp_path))
+    if source == "probe":
+        row = probe(gpt2, "trex_original", ["P103"], "lama", max_facts=8, progress=False).iloc[0].to_dict()
+    else:
+        row = run_rung(gpt2, "trex_original", "P103", source, "ci", seed=4, progress=False)
+    assert set(PROVENANCE) <= row.keys()
+    assert (row["model_revision"], row["device"]) == ("random weights, seed 0", "cpu")
+    assert (row["course_lib"], row["torch"], row["transformers"], row["python"]) == (
+        course_lib.__version__, torch.__version__, transformers.__version__, platform.python_version())
+    assert row["git_commit"] and row["git_dirty"] in (True, False, None)
+    config = json.loads(row["config"])
+    if source == "probe":
+        assert row["seed"] is None
+        assert config == {"prompt_set": "lama", "method": "hard", "batch_size": 32, "max_facts": 8, "answer_space": "full"}
+    elif source == "lama-hard":
+        assert row["seed"] is None  # the seed asked for decides nothing here
+        assert config["rung"]["name"] == "lama-hard" and config["budget"]["max_test"] == 80 and config["answer_space"] == "full"
+    else:
+        assert row["seed"] == config["seed"] == 4 and config["lr"] > 0 and config["epochs"] == 2
+
+
+def test_the_results_cache_key_includes_the_models_revision(gpt2) -> None:
+    other = load_model("tiny-gpt2", seed=1)  # same name, other weights
+    args = ("trex_original", "P103", rung("lama-hard"), budget("ci"), TuneConfig(), "full")
+    assert other.name == gpt2.name and other.revision != gpt2.revision
+    assert _cache_key(other, *args) != _cache_key(gpt2, *args)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_state_flags_uncommitted_changes_to_tracked_files(tmp_path) -> None:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    assert git_state(tmp_path) == ("unknown", None)  # no commit yet
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "first")
+    commit = git("rev-parse", "--short", "HEAD")
+    assert git_state(tmp_path) == (commit, False)
+    (tmp_path / "results.csv").write_text("a\n")  # untracked output: still clean
+    assert git_state(tmp_path) == (commit, False)
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path) == (commit, True)

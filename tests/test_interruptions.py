@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -238,3 +239,57 @@ def test_the_results_cache_never_reads_a_half_written_entry(cache: Path) -> None
     assert same(again, first)
     assert entry.exists() and same(json.loads(entry.read_text()), first)
     assert sorted(p.name for p in cache.iterdir() if p.name.endswith(".tmp")) == [f".{entry.name}.4242.tmp", f".{entry.name}.4343.tmp"]
+
+
+def test_a_cached_table_is_published_by_rename_and_a_damaged_one_is_recomputed(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from course_lib.notebook import cached_frame
+
+    table = pd.DataFrame({"relation": ["P103", "P36", "P19"], "kept": [20, 18, 7], "p_at_1": [0.5, 0.25, 0.125]})
+    computed = []
+
+    def compute() -> pd.DataFrame:
+        computed.append(1)
+        return table.copy()
+
+    def cached() -> pd.DataFrame:
+        return cached_frame("probe", {"model": "tiny-gpt2", "max_facts": 20}, compute)
+
+    renamed, real_replace = [], os.replace
+
+    def replace(src, dst):
+        renamed.append((Path(src), Path(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    pd.testing.assert_frame_equal(cached(), table)
+    (entry,) = (cache / "tables").iterdir()
+    assert len(renamed) == 1 and renamed[0][1] == entry
+    assert renamed[0][0].parent == entry.parent and renamed[0][0].name.startswith(".")  # same folder: an atomic rename
+    good = entry.read_text()
+    pd.testing.assert_frame_equal(cached(), table)
+    assert len(computed) == 1  # an intact entry is read back, not recomputed
+
+    stored = json.loads(good)
+    rows = stored["csv"].split("\n")
+    damaged = {
+        "empty": "",
+        "cut in half": good[: len(good) // 2],
+        "last byte cut": good[:-1],
+        "zeros": "\x00" * 40,
+        # Cut at a line end, a bare CSV would read back as a plausible two-row table.
+        "last row lost": json.dumps({**stored, "csv": "\n".join(rows[:-2]) + "\n"}),
+        "a digit changed": good.replace("0.25", "0.35"),
+        "no checksum": json.dumps({"csv": stored["csv"]}),
+    }
+    for name, text in damaged.items():
+        entry.write_text(text)
+        before = len(computed)
+        pd.testing.assert_frame_equal(cached(), table, obj=name)
+        assert len(computed) == before + 1, name
+        assert entry.read_text() == good, name  # rewritten whole
+
+    # A write killed before its rename leaves only a temporary file: never read.
+    entry.unlink()
+    (entry.parent / f".{entry.name}.4242.tmp").write_text(json.dumps({**stored, "csv": "relation\nP999\n"}))
+    pd.testing.assert_frame_equal(cached(), table)
+    assert entry.read_text() == good

@@ -310,3 +310,14 @@ def test_template_init_vectors_are_the_templates_own_words() -> None:
     torch.testing.assert_close(soft.input_vectors(lm), lm.embedding_output(torch.tensor(ids)), atol=0, rtol=0)
     nearest = nearest_tokens(lm, soft.input_vectors(lm), k=1)
     assert [row[0] for row in nearest] == [lm.tokenizer.decode([i]) for i in ids]
+
+
+def test_nearest_tokens_in_chunks_match_the_whole_table() -> None:
+    lm = lm_for("tiny-gemma3")
+    vectors = torch.randn(6, lm.hidden_size, generator=torch.Generator().manual_seed(0)) * 5
+    n = lm.model.get_input_embeddings().num_embeddings
+    table = torch.nn.functional.normalize(lm.embedding_output(torch.arange(n)), dim=-1)
+    expected = (torch.nn.functional.normalize(vectors, dim=-1) @ table.T).topk(5, dim=-1).indices
+    want = [[lm.tokenizer.decode([int(i)]) for i in row] for row in expected]
+    assert nearest_tokens(lm, vectors, k=5, chunk=7) == want  # chunks that do not divide the vocabulary
+    assert nearest_tokens(lm, vectors, k=5, chunk=n) == want

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
+import pickle
 import math
 import struct
 import zipfile
@@ -215,6 +217,46 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory):
     return run(CONFIG, checkpoint=path), path
 
 
+# ---------------------------------------------------------------------------------------- out of memory
+def out_of_memory_above(limit: int, sizes: list[int]):
+    """``gold_log_probs`` as a device would run it with room for ``limit`` facts per forward pass."""
+    real = training.gold_log_probs
+
+    def forward(lm, soft, subjects, *args, **kwargs):
+        sizes.append(len(subjects))
+        if len(subjects) > limit:
+            raise torch.OutOfMemoryError(f"simulated: no room for {len(subjects)} facts")
+        return real(lm, soft, subjects, *args, **kwargs)
+
+    return forward
+
+
+def test_out_of_memory_splits_batches_and_changes_no_result(uninterrupted, monkeypatch: pytest.MonkeyPatch) -> None:
+    full, _ = uninterrupted
+    sizes: list[int] = []
+    monkeypatch.setattr(training, "gold_log_probs", out_of_memory_above(2, sizes))
+    with pytest.warns(RuntimeWarning, match="out of memory on cpu") as caught:
+        result = run(CONFIG)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and "pieces of 4" in messages[0] and "pieces of 2" in messages[1]
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) == 2  # halved twice, then kept for the rest of the run
+    # The same gradients, summed in another order: equal up to float rounding.
+    assert torch.allclose(result.soft.offsets, full.soft.offsets, rtol=0, atol=1e-6)
+    assert torch.allclose(result.log_weights, full.log_weights, rtol=0, atol=1e-6)
+    assert [h["dev_p_at_1"] for h in result.history] == [h["dev_p_at_1"] for h in full.history]
+    assert [h["train_loss"] for h in result.history] == pytest.approx([h["train_loss"] for h in full.history], rel=1e-6)
+    assert torch.equal(ranks_on_test(result), ranks_on_test(full))
+
+
+def test_out_of_memory_with_one_fact_per_pass_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[int] = []
+    monkeypatch.setattr(training, "gold_log_probs", out_of_memory_above(0, sizes))
+    with pytest.warns(RuntimeWarning), pytest.raises(torch.OutOfMemoryError, match="1 training fact per forward pass.*another device") as err:
+        run(CONFIG)
+    assert sizes == [8, 4, 2, 1]
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError) and "simulated" in str(err.value.__cause__)
+
+
 @pytest.mark.parametrize("stop", [0, 1])
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(uninterrupted, tmp_path: Path, stop: int) -> None:
     full, full_path = uninterrupted
@@ -256,7 +298,7 @@ def copy_of(path: Path, tmp_path: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("what", ["templates", "config", "model"])
+@pytest.mark.parametrize("what", ["templates", "config", "model", "revision"])
 def test_a_checkpoint_of_another_run_is_refused(small_checkpoint: Path, tmp_path: Path, what: str) -> None:
     path = copy_of(small_checkpoint, tmp_path)
     before = path.read_bytes()
@@ -267,8 +309,11 @@ def test_a_checkpoint_of_another_run_is_refused(small_checkpoint: Path, tmp_path
         templates = [Template("The mother tongue of [X] is [Y] .")]
     elif what == "config":
         config = TuneConfig(epochs=2, lr=0.01, batch_size=16)
-    else:
+    elif what == "model":
         lm = lm_for("tiny-llama")
+    else:  # the same model name with other weights (for the tiny models, another seed)
+        lm = load_model("tiny-gpt2", device="cpu", seed=1)
+        assert lm.name == lm_for().name and lm.revision != lm_for().revision
     with pytest.raises(CheckpointError, match=f"differs in {what}"):
         tune(lm, templates, train, dev, config, checkpoint=path, progress=False)
     assert path.read_bytes() == before  # refused, not overwritten
@@ -330,3 +375,62 @@ def test_checkpoints_are_safetensors_without_pickle(small_checkpoint: Path) -> N
     assert 8 + n + max(e["data_offsets"][1] for e in header.values()) == len(raw)
     # Published by rename: no temporary file left beside it.
     assert [p.name for p in small_checkpoint.parent.iterdir()] == [small_checkpoint.name]
+
+
+# Modules whose loaders run pickle, and calls that unpickle (torch.load, whatever its weights_only).
+PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+PICKLE_READERS = {"read_pickle", "from_pickle"}
+
+
+def pickle_uses(source: str) -> list[tuple[int, str]]:
+    """(line, what) wherever ``source`` imports a pickle module or calls something that unpickles.
+
+    Read from the syntax tree, not the text, so that a comment or docstring naming pickle is no hit.
+    """
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, f"import {a.name}") for a in node.names if a.name.split(".")[0] in PICKLE_MODULES]
+        elif isinstance(node, ast.ImportFrom):
+            module = (node.module or "").split(".")[0]
+            names = {a.name for a in node.names}
+            if module in PICKLE_MODULES or (module == "torch" and "load" in names) or names & PICKLE_READERS:
+                found.append((node.lineno, f"from {node.module} import {', '.join(sorted(names))}"))
+        elif isinstance(node, ast.Attribute):
+            if node.attr in PICKLE_READERS or (node.attr == "load" and isinstance(node.value, ast.Name) and node.value.id == "torch"):
+                found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.keyword) and node.arg == "allow_pickle":
+            found.append((node.value.lineno, "allow_pickle="))
+    return found
+
+
+@pytest.mark.parametrize("snippet", ["import pickle", "import cloudpickle as cp", "from torch import load", "x = torch.load(path)",
+                                     "t = pd.read_pickle(p)", "a = np.load(p, allow_pickle=True)", "from pandas import read_pickle"])
+def test_the_pickle_check_sees_each_way_in(snippet: str) -> None:
+    assert pickle_uses(snippet)
+    assert not pickle_uses(f'# {snippet}\n"""{snippet}"""')  # a comment or a docstring is not a use
+
+
+def test_no_module_of_course_lib_unpickles() -> None:
+    package = Path(training.__file__).parent
+    sources = sorted(package.glob("*.py"))
+    assert {"training.py", "models.py", "notebook.py", "experiments.py"} <= {p.name for p in sources}
+    found = [f"{p.name}:{line}: {what}" for p in sources for line, what in pickle_uses(p.read_text(encoding="utf-8"))]
+    assert found == []
+
+
+def test_checkpoints_load_and_resume_without_any_unpickler(small_checkpoint: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # No torch.load anywhere, so its weights_only setting (and its default across torch versions)
+    # never decides whether a checkpoint is safe to open.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint was unpickled")
+
+    for target, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+        monkeypatch.setattr(target, name, refuse)
+    tensors, meta = load_checkpoint(small_checkpoint)
+    assert meta["epoch"] == 0 and "offsets" in tensors
+    train, dev, _ = data()
+    resumed = tune(lm_for(), lama(), train, dev, TuneConfig(epochs=1, lr=0.05, batch_size=16),
+                   checkpoint=copy_of(small_checkpoint, tmp_path), progress=False)
+    assert resumed.resumed_from == 0 and torch.equal(resumed.soft.offsets, tensors["best.offsets"])
