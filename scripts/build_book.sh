@@ -92,6 +92,9 @@ cp -R "$ROOT/book" "$STAGE/book"
 cp -R "$ROOT/_build/executed/book/." "$STAGE/book/"
 find "$STAGE/book" -name '*.partial.ipynb' -delete
 cp "$ROOT/_toc.yml" "$STAGE/_toc.yml"
+# Files the chapters show with {literalinclude}.
+mkdir -p "$STAGE/scripts"
+cp -R "$ROOT/scripts/cluster" "$STAGE/scripts/cluster"
 # The exercise pages: the worked solutions (code folded, answers in closed dropdowns) or, for a
 # course that grades them, the student versions; `course.include_solutions` in _config.yml decides.
 include=$(python -c 'import yaml; c = yaml.safe_load(open("_config.yml")); print(1 if (c.get("course") or {}).get("include_solutions", True) else 0)')
