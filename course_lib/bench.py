@@ -39,7 +39,7 @@ import torch
 
 from .cloze import ClozeLM, Family
 from .data import Fact, load_facts, load_prompts
-from .evaluation import answer_form_template, score_facts
+from .evaluation import SCORING_BATCH, answer_form_template, score_facts
 from .mixture import m_step_weights, responsibilities
 from .models import DEFAULT_MODEL, choose_device, load_model
 from .soft_prompts import SoftPrompt, resolve_depth
@@ -54,10 +54,10 @@ _RESULT_MARKER = "BENCH_RESULT "
 
 # Sizes for the full run and the smoke run (--quick).
 SETTINGS: dict[str, dict[str, Any]] = {
-    "full": dict(repeats=3, warmup=1, matmul_sizes=(1024, 2048), eval_facts=256, eval_batch=32,
+    "full": dict(repeats=3, warmup=1, matmul_sizes=(1024, 2048), eval_facts=256, eval_batch=SCORING_BATCH,
                  train_batch=16, train_steps=5, mix_ks=(1, 5, 10, 30), mix_facts=16, mix_batch=16,
                  depths=(0, 1, 6, 12, "all"), depth_batch=16, scale_sizes=(1, 4, 16, 64, 256), scale_facts=128),
-    "quick": dict(repeats=2, warmup=1, matmul_sizes=(1024, 2048), eval_facts=16, eval_batch=32,
+    "quick": dict(repeats=2, warmup=1, matmul_sizes=(1024, 2048), eval_facts=16, eval_batch=SCORING_BATCH,
                   train_batch=16, train_steps=2, mix_ks=(1, 5, 10, 30), mix_facts=2, mix_batch=2,
                   mix_warmup=0, depths=(0, 1, 6, 12, "all"), depth_batch=4, scale_sizes=(1, 4, 16), scale_facts=16),
 }
@@ -445,7 +445,7 @@ def time_breakdown(lm: ClozeLM, fn: Callable[[], Any]) -> dict[str, float]:
 
 
 # ============================================================================ 1. evaluation throughput
-def eval_throughput(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, n_facts: int = 256, batch_size: int = 32,
+def eval_throughput(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, n_facts: int = 256, batch_size: int = SCORING_BATCH,
                     repeats: int = 3, warmup: int = 1, pipeline: bool | None = None, naive: bool = True,
                     matmul_sizes: Sequence[int] = (1024, 2048), breakdown: bool = True, verbose: bool = True) -> dict[str, Any]:
     """Facts/s of P@1 over ``n_facts`` test facts: score_facts vs a naive loop (vs fill-mask pipeline)."""

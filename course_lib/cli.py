@@ -14,7 +14,7 @@ import pandas as pd
 
 from .data import DATASETS, PROMPT_SETS, SPLITS, DataError
 from .download import ChecksumMismatch, DataNotFound
-from .evaluation import AnswerSpace
+from .evaluation import SCORING_BATCH, AnswerSpace
 from .models import DEFAULT_MODEL, ModelUnavailable
 from .probing import HardMethod
 from .results import format_table, summarize, write_table
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hard: the set's first template; each: every template; best-dev: best on dev; ensemble-*: all, mixed")
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--max-facts", type=int, help="use only the first N facts of each relation")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=SCORING_BATCH, help=f"facts per forward pass (default {SCORING_BATCH})")
     p.add_argument("--resume", action="store_true", help="keep the relations already in --out and probe only the rest")
 
     t = sub.add_parser("tune", help="train a soft prompt (or a mixture) and evaluate it on test")

@@ -38,6 +38,12 @@ class DropReason(str, Enum):
     UNCOVERED = "no usable template for this model"
 
 
+# Facts per scoring batch. The vocabulary projection streams the whole output matrix (262k x 640
+# for Gemma) once per batch, so larger batches amortise it: on 2 CPU cores, Gemma-3-270M scores
+# 55 facts/s at 128 against 45 at 32 (bench: eval_throughput, same run).
+SCORING_BATCH = 128
+
+
 @dataclass
 class Scored:
     """The facts kept, their gold ids and ranks (1 = top), the top-10 predictions, and the dropped counts.
@@ -125,7 +131,7 @@ def score_facts(
     perturbation: Perturbation | None = None,
     allowed: torch.Tensor | None = None,
     data_dependent: bool = False,
-    batch_size: int = 32,
+    batch_size: int = SCORING_BATCH,
     progress: bool | str = False,
 ) -> Scored:
     """Rank each fact's object under the (mixture of) prompts; drop and count what cannot be scored.
@@ -149,7 +155,7 @@ def score_facts_in_spaces(
     log_weights: torch.Tensor | None = None,
     perturbation: Perturbation | None = None,
     data_dependent: bool = False,
-    batch_size: int = 32,
+    batch_size: int = SCORING_BATCH,
     progress: bool | str = False,
 ) -> dict[str, Scored]:
     """``score_facts`` for several answer spaces at once: one forward pass per batch serves them all."""
@@ -224,15 +230,20 @@ def score_facts_in_spaces(
 def _mixture_log_probs(lm: ClozeLM, prompts: Sequence[EncodedPrompt], usable: list[int], subjects: list[str],
                        log_weights: torch.Tensor, perturbation: Perturbation | None,
                        data_dependent: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """log sum_k pi_k p_k(. | subject) over the vocabulary, [B, V]: all K prompts in one forward pass.
+    """log sum_k pi_k p_k(. | subject) over the vocabulary, [B, V]: all K prompts in one forward pass
+    (for one prompt, its logits: the same ranking up to a constant per row).
 
     Also [B] flags: whether the subject was cut to fit the context under any of the prompts.
     """
     batch = lm.build_batch(prompts, [s for s in subjects for _ in usable], [k for _ in subjects for k in usable])
+    truncated = batch.extras["truncated"].view(len(subjects), len(usable)).any(dim=1)
+    if len(usable) == 1 and not data_dependent:
+        # One prompt: ranks and top answers need no normalisation, so the raw logits serve; this
+        # skips two passes over the vocabulary per fact (log_softmax, logsumexp): ~10% of scoring.
+        return lm.blank_logits(batch, perturbation).cpu(), truncated
     logp = lm.blank_log_probs(batch, perturbation).view(len(subjects), len(usable), -1)
     weights = log_weights.to(logp.device)[None, :]
     if data_dependent:
         subject_ll = lm.subject_log_likelihood(batch, perturbation).view(len(subjects), len(usable))
         weights = data_dependent_log_weights(weights, subject_ll)
-    truncated = batch.extras["truncated"].view(len(subjects), len(usable)).any(dim=1)
     return torch.logsumexp(logp + weights[:, :, None], dim=1).cpu(), truncated

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .cloze import ClozeLM
 from .data import Fact, check_dataset, check_relations, check_split, load_facts, load_prompts
-from .evaluation import AnswerSpace, allowed_ids, answer_form_template, relation_objects, score_facts, score_facts_in_spaces
+from .evaluation import SCORING_BATCH, AnswerSpace, allowed_ids, answer_form_template, relation_objects, score_facts, score_facts_in_spaces
 from .results import counts_of, make_row
 from .templates import Template
 
@@ -38,7 +38,7 @@ def answer_mask(lm: ClozeLM, space: AnswerSpace | str, dataset: str, relation: s
 
 def best_template_on_dev(
     lm: ClozeLM, dataset: str, relation: str, templates: Sequence[Template], space: AnswerSpace | str = "full",
-    max_facts: int | None = None, batch_size: int = 32,
+    max_facts: int | None = None, batch_size: int = SCORING_BATCH,
 ) -> tuple[Template, float]:
     """LPAQA's top-1 selection: the template with the highest dev P@1 (first one on ties)."""
     dev = take(load_facts(dataset, relation, "dev"), max_facts)
@@ -61,7 +61,7 @@ def probe(
     split: str = "test",
     method: HardMethod | str = HardMethod.HARD,
     answer_space: AnswerSpace | str | Sequence[AnswerSpace | str] = AnswerSpace.FULL,
-    batch_size: int = 32,
+    batch_size: int = SCORING_BATCH,
     max_facts: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:

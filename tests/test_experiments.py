@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import course_lib
+from course_lib.evaluation import SCORING_BATCH
 from course_lib.experiments import _cache_key, budget, run_rung, rung, shard_from_env
 from course_lib.models import load_model
 from course_lib.probing import probe
@@ -79,7 +80,7 @@ def test_every_row_records_what_made_it(gpt2, tmp_path, monkeypatch, source: str
     config = json.loads(row["config"])
     if source == "probe":
         assert row["seed"] is None
-        assert config == {"prompt_set": "lama", "method": "hard", "batch_size": 32, "max_facts": 8, "answer_space": "full"}
+        assert config == {"prompt_set": "lama", "method": "hard", "batch_size": SCORING_BATCH, "max_facts": 8, "answer_space": "full"}
     elif source == "lama-hard":
         assert row["seed"] is None  # the seed asked for decides nothing here
         assert config["rung"]["name"] == "lama-hard" and config["budget"]["max_test"] == 80 and config["answer_space"] == "full"
