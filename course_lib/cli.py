@@ -190,9 +190,7 @@ def _run(args: argparse.Namespace) -> int:
         table = _tune(lm, args, relations)
         _print_result(table, _default_out(args, "tune"))
     else:
-        from .experiments import reproduce
-
-        from .experiments import shard_from_env
+        from .experiments import reproduce, shard_from_env
 
         i, n = shard_from_env() if args.shard == "auto" else (int(x) for x in args.shard.split("/"))
         table = reproduce(lm, args.dataset, args.grid, args.budget, relations, (i, n), args.answer_space, args.checkpoints)

@@ -9,8 +9,8 @@ cached on disk keyed by everything that decides them, so re-executing a chapter 
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from .cloze import ClozeLM
 from .data import DataError, cache_dir, check_relations, load_facts, load_prompts
-from .evaluation import answer_form_template, score_facts
+from .evaluation import score_facts
 from .mixture import effective_prompts
 from .probing import answer_mask, best_template_on_dev, take
 from .results import counts_of, make_row
 from .templates import Template
-from .training import TuneConfig, resolved, tune
+from .training import NothingToTune, TuneConfig, resolved, tune
 
 
 @dataclass(frozen=True)
@@ -158,16 +158,16 @@ def tune_and_score(
     test = take(load_facts(dataset, relation, split), max_test)
     allowed = answer_mask(lm, answer_space, dataset, relation, templates)
     train = take(load_facts(dataset, relation, "train"), max_train)
+    dev = take(load_facts(dataset, relation, "dev"), max_dev)
     extra.update(seed=config.seed, config=json.dumps(asdict(config)), templates=json.dumps([t.text for t in templates]))
-    form = answer_form_template(lm, [lm.encode_prompt(t) for t in templates])
-    if not any(lm.answer_id(f.object, form) for f in train):
-        # Nothing to tune on (e.g. Google-RE dates are several tokens for Gemma). The counts say
-        # why test facts drop; no metric is given, since nothing was tuned.
+    try:
+        result = tune(lm, templates, train, dev, config, allowed=allowed, checkpoint=checkpoint, progress=progress)
+    except NothingToTune:
+        # E.g. Google-RE dates are several tokens for Gemma. The counts say why test facts drop;
+        # no metric is given, since nothing was tuned.
         untuned = score_facts(lm, templates, test, allowed=allowed)
         extra["note"] = "no training fact has a single-token object for this model: not tuned"
         return make_row(lm, row_key, counts_of(untuned, len(test)), {m: math.nan for m in untuned.metrics()}, **extra)
-    dev = take(load_facts(dataset, relation, "dev"), max_dev)
-    result = tune(lm, templates, train, dev, config, allowed=allowed, checkpoint=checkpoint, progress=progress)
     scored = score_facts(lm, templates, test, log_weights=result.log_weights, perturbation=result.soft.perturbation,
                          allowed=allowed, data_dependent=config.data_dependent, batch_size=config.batch_size * 2)
     extra.update(best_epoch=result.best_epoch, best_dev_p_at_1=result.best_dev_p1, epochs_run=len(result.history),

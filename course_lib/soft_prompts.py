@@ -13,7 +13,6 @@ every example of a batch, whatever its prompt, is perturbed by one gather per la
 from __future__ import annotations
 
 import math
-
 from enum import Enum
 from typing import Sequence
 

@@ -34,6 +34,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: corrupted, truncated, or from another model or prompt."""
 
 
+class NothingToTune(ValueError):
+    """No training fact has an object the model can give in one token: there is no loss to descend."""
+
+
 @dataclass
 class TuneConfig:
     """Everything that decides a tuning run's result (the seed included)."""
@@ -203,7 +207,7 @@ def tune(
     pairs = [(f.subject, lm.answer_id(f.object, form)) for f in train_facts]
     pairs = [(s, g) for s, g in pairs if g is not None]
     if not pairs:
-        raise ValueError("no training fact has a single-token object for this model: nothing to tune on")
+        raise NothingToTune("no training fact has a single-token object for this model: nothing to tune on")
     opt = torch.optim.Adam(soft.parameters(), lr=config.lr)
     result = TuneResult(soft, log_weights, config)
     best = {"offsets": soft.offsets.detach().clone(), "log_weights": log_weights.clone()}
