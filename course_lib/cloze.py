@@ -10,10 +10,12 @@ subject) pairs it returns the logits of the token that fills [Y]:
   Text after [Y] cannot influence the answer, and a template whose subject comes after the blank
   does not let the model see the subject at all: such templates are reported as not covered.
 
-Two forward hooks on the stock modules do all the work that is special here: one gathers the
-read position before the output projection (so only the blank's logits are computed, never the
-vocabulary at every position), and one per layer adds a prompt perturbation if one is active
-(``course_lib.soft_prompts``). No modeling code is copied.
+Forward hooks on the stock modules do all the work that is special here: one gathers the read
+position before the output projection (so only the blank's logits are computed, never the
+vocabulary at every position), one per layer adds a prompt perturbation if one is active
+(``course_lib.soft_prompts``), and a pair on each of the layers' linear maps drops the padding
+before the matrix multiply and puts it back after (see ``ClozeLM.unpad``). No modeling code is
+copied.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ import torch
 from torch import nn
 
 from .templates import Template
+from .vocab_log_probs import vocab_log_probs
+
+
+# Below this share of padded positions, gathering the real ones costs more than it saves (bench: unpad).
+UNPAD_MIN_PADDING = 0.1
 
 
 class Family(str, Enum):
@@ -113,6 +120,18 @@ class ClozeLM:
         self.hooked_rows = self._find_rows()
         self._active: tuple[Perturbation, ClozeBatch] | None = None
         self._read: torch.Tensor | None = None
+        # Unpadding: the linear maps inside the layers (most of the FLOPs) act on each position
+        # alone, so they can skip padded positions. A batch of prompts and subjects of different
+        # lengths is often a third padding, or more when K prompts are batched together. On when at
+        # least ``unpad_min_padding`` of the batch's positions are padding (gathering has a cost).
+        self.unpad = True
+        self.unpad_min_padding = UNPAD_MIN_PADDING
+        self._kept: tuple[int, int, torch.Tensor] | None = None  # (B, S, flat indices of real positions)
+        self._packed_modules: set[nn.Module] = set()
+        # While a list: the gather hook appends the read positions' hidden states to it and lets the
+        # output layer compute nothing (``token_log_probs`` does the projection itself).
+        self._captured: list[torch.Tensor] | None = None
+        self._head_plain: bool | None = None  # whether logits are exactly the output layer's (see _plain_head)
         self._install_hooks()
         self._encode = lru_cache(maxsize=4096)(self._encode_uncached)
         self._tokens = lru_cache(maxsize=1 << 16)(self._tokens_uncached)
@@ -156,6 +175,38 @@ class ClozeLM:
             for module, stream in modules:
                 module.register_forward_hook(self._perturb_hook(row, stream))
         self.model.get_output_embeddings().register_forward_pre_hook(self._gather_hook)
+        for module in self._position_wise_modules():
+            module.register_forward_pre_hook(self._pack_hook)
+            module.register_forward_hook(self._unpack_hook)
+
+    def _position_wise_modules(self) -> list[nn.Module]:
+        """The linear maps inside the transformer layers (nn.Linear, GPT-2's Conv1D): each position alone."""
+        found: list[nn.Module] = []
+        for modules in self.hooked_rows[1:]:
+            for layer, _ in modules:
+                found += [m for m in layer.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+        return found
+
+    def _pack_hook(self, module: nn.Module, args):
+        kept = self._kept
+        if kept is None or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        B, S, idx = kept
+        x = args[0]
+        # Only the batch's own [B, S, features] streams (BART's cross-attention keys included: the
+        # encoder and decoder streams share one padding pattern by construction, see build_batch).
+        if x.dim() != 3 or x.shape[0] != B or x.shape[1] != S:
+            return None
+        self._packed_modules.add(module)
+        return (x.reshape(B * S, x.shape[2]).index_select(0, idx), *args[1:])
+
+    def _unpack_hook(self, module: nn.Module, args, output):
+        if module not in self._packed_modules:
+            return None
+        self._packed_modules.discard(module)
+        B, S, idx = self._kept
+        full = output.new_zeros(B * S, output.shape[-1]).index_copy(0, idx, output)
+        return full.view(B, S, output.shape[-1])
 
     def _perturb_hook(self, row: int, stream: Stream):
         def hook(module: nn.Module, args, output):
@@ -180,6 +231,9 @@ class ClozeLM:
         read = self._read.to(hidden.device)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         picked = hidden[rows, read].unsqueeze(1) if read.dim() == 1 else hidden[rows[:, None], read]
+        if self._captured is not None:
+            self._captured.append(picked)
+            return (picked[:, :0], *args[1:])
         return (picked, *args[1:])
 
     # ------------------------------------------------------------------ tokenization
@@ -317,7 +371,7 @@ class ClozeLM:
     def _logits_at(self, batch: ClozeBatch, read: torch.Tensor, perturbation: Perturbation | None) -> torch.Tensor:
         """Logits [B, R, V] at positions ``read`` ([B] or [B, R]) of the (decoder) output."""
         batch = batch.to(self.device) if batch.input_ids.device != self.device else batch
-        with self._reading(read), self._perturbed(perturbation, batch), self._autocast():
+        with self._reading(read), self._perturbed(perturbation, batch), self._unpadded(batch), self._autocast():
             kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             if self.family is Family.SEQ2SEQ:
                 kwargs["decoder_input_ids"] = batch.decoder_input_ids
@@ -351,12 +405,56 @@ class ClozeLM:
             if self.family is Family.SEQ2SEQ:
                 start = torch.full((len(batch), 1), self.model.config.decoder_start_token_id)
                 probe.decoder_input_ids = torch.cat([start, masked[:, :-1]], dim=1)
-        logp = torch.log_softmax(self._logits_at(probe, read.clamp_min(0), perturbation), dim=-1)
-        token_logp = logp.gather(2, targets.to(logp.device)[:, :, None]).squeeze(2)
-        return (token_logp * valid.to(logp.device)).sum(1)
+        token_logp = self.token_log_probs(probe, read.clamp_min(0), targets, perturbation)
+        return (token_logp * valid.to(token_logp.device)).sum(1)
 
     def blank_log_probs(self, batch: ClozeBatch, perturbation: Perturbation | None = None) -> torch.Tensor:
         return torch.log_softmax(self.blank_logits(batch, perturbation), dim=-1)
+
+    def token_log_probs(self, batch: ClozeBatch, read: torch.Tensor, targets: torch.Tensor,
+                        perturbation: Perturbation | None = None) -> torch.Tensor:
+        """log p(targets) at positions ``read`` ([B] or [B, R], as ``targets``), normalised over the vocabulary.
+
+        What training needs: one token's log-probability per position, differentiable w.r.t. the
+        perturbation, computed in one pass over the output layer (``course_lib.vocab_log_probs``)
+        without ever holding the [B, V] logits.
+        """
+        targets = targets.to(self.device)
+        if not self._plain_head():
+            logp = torch.log_softmax(self._logits_at(batch, read, perturbation), dim=-1)
+            return logp.gather(2, targets.reshape(len(batch), -1, 1)).reshape(targets.shape)
+        hidden = self._hidden_at(batch, read, perturbation)
+        head = self.model.get_output_embeddings()
+        flat = vocab_log_probs(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets.reshape(-1))
+        return flat.reshape(targets.shape)
+
+    def _hidden_at(self, batch: ClozeBatch, read: torch.Tensor, perturbation: Perturbation | None) -> torch.Tensor:
+        """The output layer's input [B, R, H] at positions ``read``; the output layer itself computes nothing."""
+        self._captured = []
+        try:
+            self._logits_at(batch, read, perturbation)
+            return self._captured[0]
+        finally:
+            self._captured = None
+
+    def _plain_head(self) -> bool:
+        """Whether the model's logits are its output layer's, untouched: checked once on a probe sentence.
+
+        Some models change them after the layer (Gemma 2 caps them with a tanh, BART adds a bias
+        of its own); for those, ``token_log_probs`` takes the logits the model returns.
+        """
+        if self._head_plain is None:
+            probe = self.build_batch([self.encode_prompt(Template("[X] is a [Y] ."))], ["Paris"])
+            saved, self.autocast = self.autocast, False
+            try:
+                with torch.no_grad():
+                    logits = self.blank_logits(probe)
+                    head = self.model.get_output_embeddings()
+                    mine = nn.functional.linear(self._hidden_at(probe, probe.read_index, None)[:, 0], head.weight, head.bias)
+            finally:
+                self.autocast = saved
+            self._head_plain = bool(torch.allclose(mine.float(), logits, atol=1e-4, rtol=1e-4))
+        return self._head_plain
 
     def autocast_dtype(self) -> torch.dtype | None:
         """The dtype forward passes autocast to, or None for the model's own (see ``self.autocast``)."""
@@ -377,6 +475,19 @@ class ClozeLM:
             yield
         finally:
             self._read = None
+
+    @contextlib.contextmanager
+    def _unpadded(self, batch: ClozeBatch) -> Iterator[None]:
+        mask = batch.attention_mask.reshape(-1).bool()
+        kept = int(mask.sum())
+        if self.unpad and mask.numel() - kept >= self.unpad_min_padding * mask.numel():
+            B, S = batch.attention_mask.shape
+            self._kept = (B, S, mask.nonzero().squeeze(1))
+        try:
+            yield
+        finally:
+            self._kept = None
+            self._packed_modules.clear()
 
     @contextlib.contextmanager
     def _perturbed(self, perturbation: Perturbation | None, batch: ClozeBatch) -> Iterator[None]:

@@ -93,10 +93,10 @@ def gold_log_probs(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str], gold:
     """[B, K] log p_k(gold | subject) under each prompt (and [B, K] subject log-likelihoods or None)."""
     K = len(prompts)
     batch = soft.batch(lm, [s for s in subjects for _ in prompts], [k for _ in subjects for k in prompts])
-    logp = lm.blank_log_probs(batch, soft.perturbation).view(len(subjects), K, -1)
-    g = gold.to(logp.device)[:, None, None].expand(-1, K, 1)
+    targets = gold[:, None].expand(-1, K).reshape(-1)
+    logp = lm.token_log_probs(batch, batch.read_index, targets, soft.perturbation).view(len(subjects), K)
     subject_ll = lm.subject_log_likelihood(batch, soft.perturbation).view(len(subjects), K) if data_dependent else None
-    return logp.gather(2, g).squeeze(2), subject_ll
+    return logp, subject_ll
 
 
 def _accumulate_gradients(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str], gold: torch.Tensor,

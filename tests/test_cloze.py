@@ -336,3 +336,102 @@ def test_bfloat16_autocast_runs_the_matmuls_in_bf16_and_keeps_scores_and_gradien
     torch.testing.assert_close(half, full, atol=0.15, rtol=0.05)
     assert soft.offsets.grad is not None and soft.offsets.grad.dtype == torch.float32
     assert torch.isfinite(soft.offsets.grad).all() and soft.offsets.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# unpadding
+
+@pytest.mark.parametrize("name", TINY_MODEL_NAMES)
+@pytest.mark.parametrize("depth", [0, "all"])
+def test_unpadding_gives_the_padded_scores_likelihoods_and_gradients(name, depth):
+    """The layers' linear maps skip padded positions: same numbers as the padded batch, less work."""
+    from course_lib.soft_prompts import SoftPrompt
+
+    lm = lm_for(name)
+    pairs = CAUSAL_PAIRS if lm.family is Family.CAUSAL else MASKED_PAIRS
+    templates = list(dict.fromkeys(Template(t) for t, _ in pairs))
+    index = [templates.index(Template(t)) for t, _ in pairs]
+    soft = SoftPrompt(lm, templates, depth)
+    with torch.no_grad():
+        soft.offsets.normal_(0, 0.05)
+    batch = soft.batch(lm, [s for _, s in pairs], index)
+    padding = 1 - batch.attention_mask.float().mean().item()
+    assert padding >= lm.unpad_min_padding  # the case under test: enough padding to unpad
+    lm._plain_head()  # its one-time probe sentence is not the batch under test
+    rows: list[int] = []
+    linear = lm._position_wise_modules()[0]
+    handle = linear.register_forward_pre_hook(lambda mod, args: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+
+    def run(unpad: bool):
+        lm.unpad = unpad
+        soft.offsets.grad = None
+        rows.clear()
+        try:
+            logp = lm.blank_log_probs(batch, soft.perturbation)
+            subject_ll = lm.subject_log_likelihood(batch, soft.perturbation)
+            (-logp.gather(1, torch.arange(len(pairs))[:, None]).sum() - subject_ll.sum()).backward()
+        finally:
+            lm.unpad = True
+        return logp.detach(), subject_ll.detach(), soft.offsets.grad.clone(), list(rows)
+
+    try:  # the counting hook was registered after ClozeLM's: it sees what the linear map multiplies
+        padded, unpadded = run(False), run(True)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(unpadded[0], padded[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(unpadded[1], padded[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(unpadded[2], padded[2], atol=1e-5, rtol=1e-3)
+    assert padded[2].abs().sum() > 0
+    real = int(batch.attention_mask.sum())
+    assert set(padded[3]) == {batch.attention_mask.numel()}
+    assert set(unpadded[3]) == {real}  # every pass through the layer saw the real positions only
+
+
+def test_unpadding_stays_off_for_a_batch_with_little_padding():
+    lm = lm_for("tiny-gpt2")
+    batch = batch_of(lm, [("[X] was born in [Y] .", "Dante")] * 3)
+    seen: list[int] = []
+    linear = lm._position_wise_modules()[0]
+    handle = linear.register_forward_hook(lambda mod, args, out: seen.append(args[0].dim()))
+    try:
+        lm.blank_logits(batch)
+    finally:
+        handle.remove()
+    assert seen == [3]
+
+
+# --------------------------------------------------------------------------------------------
+# token_log_probs: one token's log-probability, without the [B, V] logits
+
+@pytest.mark.parametrize("name", TINY_MODEL_NAMES)
+def test_token_log_probs_match_blank_log_probs_values_and_gradients(name):
+    from course_lib.soft_prompts import SoftPrompt
+
+    lm = lm_for(name)
+    assert lm._plain_head()  # stock tiny models: logits are the output layer's
+    pairs = CAUSAL_PAIRS if lm.family is Family.CAUSAL else MASKED_PAIRS
+    templates = list(dict.fromkeys(Template(t) for t, _ in pairs))
+    soft = SoftPrompt(lm, templates, "all")
+    with torch.no_grad():
+        soft.offsets.normal_(0, 0.05)
+    batch = soft.batch(lm, [s for _, s in pairs], [templates.index(Template(t)) for t, _ in pairs])
+    targets = torch.arange(len(pairs)) * 7 + 3
+    fast = lm.token_log_probs(batch, batch.read_index, targets, soft.perturbation)
+    fast.sum().backward()
+    fast_grad, soft.offsets.grad = soft.offsets.grad.clone(), None
+    full = lm.blank_log_probs(batch, soft.perturbation).gather(1, targets[:, None]).squeeze(1)
+    full.sum().backward()
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_grad, soft.offsets.grad, atol=1e-6, rtol=1e-4)
+    assert fast_grad.abs().sum() > 0
+
+
+def test_token_log_probs_take_the_models_logits_when_it_changes_them_after_the_output_layer():
+    lm = load_model("tiny-bart", device="cpu")  # its own copy: the bias below must not leak
+    with torch.no_grad():
+        lm.model.final_logits_bias.normal_(0, 1)  # BART adds this after lm_head
+    assert not lm._plain_head()
+    batch = batch_of(lm, MASKED_PAIRS)
+    targets = torch.arange(len(MASKED_PAIRS)) + 5
+    want = lm.blank_log_probs(batch).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(lm.token_log_probs(batch, batch.read_index, targets), want)
