@@ -363,7 +363,7 @@ def test_unpadding_gives_the_padded_scores_likelihoods_and_gradients(name, depth
     handle = linear.register_forward_pre_hook(lambda mod, args: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
 
     def run(unpad: bool):
-        lm.unpad = unpad
+        lm.unpad, lm.reuse_prefix = unpad, False  # one pass per call: the rows it sees are the batch's
         soft.offsets.grad = None
         rows.clear()
         try:
@@ -371,7 +371,7 @@ def test_unpadding_gives_the_padded_scores_likelihoods_and_gradients(name, depth
             subject_ll = lm.subject_log_likelihood(batch, soft.perturbation)
             (-logp.gather(1, torch.arange(len(pairs))[:, None]).sum() - subject_ll.sum()).backward()
         finally:
-            lm.unpad = True
+            lm.unpad, lm.reuse_prefix = True, True
         return logp.detach(), subject_ll.detach(), soft.offsets.grad.clone(), list(rows)
 
     try:  # the counting hook was registered after ClozeLM's: it sees what the linear map multiplies
@@ -435,3 +435,86 @@ def test_token_log_probs_take_the_models_logits_when_it_changes_them_after_the_o
     targets = torch.arange(len(MASKED_PAIRS)) + 5
     want = lm.blank_log_probs(batch).gather(1, targets[:, None]).squeeze(1)
     torch.testing.assert_close(lm.token_log_probs(batch, batch.read_index, targets), want)
+
+
+# --------------------------------------------------------------------------------------------
+# causal LMs: the part before the first prompt token runs once, without autograd
+
+@pytest.mark.parametrize("name", CAUSAL)
+@pytest.mark.parametrize("depth", [0, "all"])
+def test_reusing_the_prefix_gives_the_same_log_probs_and_gradients(name, depth):
+    from course_lib.soft_prompts import SoftPrompt
+
+    lm = lm_for(name)
+    # subject-first and prompt-first templates, subjects of different lengths, each subject under
+    # every template (a mixture's batch: K rows share one subject's prefix)
+    templates = [Template("[X] was born in [Y] ."), Template("The capital of [X] is [Y] ."), Template("[X] works in the field of [Y].")]
+    subjects = ["Dante", "Kaliningrad Oblast of the Russian Federation", "Marie Curie"]
+    soft = SoftPrompt(lm, templates, depth)
+    with torch.no_grad():
+        soft.offsets.normal_(0, 0.05)
+    batch = soft.batch(lm, [s for s in subjects for _ in templates], [k for _ in subjects for k in range(len(templates))])
+    targets = torch.arange(len(batch)) * 5 + 2
+    calls: list[int] = []
+    handle = lm.model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+
+    def run(reuse: bool):
+        lm.reuse_prefix = reuse
+        soft.offsets.grad = None
+        calls.clear()
+        try:
+            logp = lm.token_log_probs(batch, batch.read_index, targets, soft.perturbation)
+            logp.sum().backward()
+        finally:
+            lm.reuse_prefix = True
+        return logp.detach(), soft.offsets.grad.clone(), list(calls)
+
+    lm._plain_head()
+    try:
+        whole, split = run(False), run(True)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(split[0], whole[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split[1], whole[1], atol=1e-6, rtol=1e-4)
+    assert whole[1].abs().sum() > 0
+    assert whole[2] == [len(batch)]
+    # one pass over the distinct prefixes (the 3 subjects after BOS, plus BOS alone for the
+    # prompt-first template), then one over the rest of every row
+    assert split[2] == [len(subjects) + 1, len(batch)]
+
+
+def test_the_prefix_is_not_split_without_gradients_or_for_other_families():
+    calls: list[int] = []
+    for name in ("tiny-gpt2", "tiny-bert"):
+        lm = lm_for(name)
+        pairs = CAUSAL_PAIRS if lm.family is Family.CAUSAL else MASKED_PAIRS
+        batch = batch_of(lm, pairs)
+        lm._plain_head()
+        handle = lm.model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+        try:
+            with torch.no_grad():
+                lm.token_log_probs(batch, batch.read_index, torch.zeros(len(pairs), dtype=torch.long))
+        finally:
+            handle.remove()
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_scoring_k_prompts_runs_each_subjects_prefix_once(name):
+    lm = lm_for(name)
+    templates = [Template("[X] was born in [Y] ."), Template("[X] is a citizen of [Y] ."), Template("[X] works in the field of [Y].")]
+    subjects = ["Kaliningrad Oblast of the Russian Federation", "Marie Curie"]
+    prompts = [lm.encode_prompt(t) for t in templates]
+    batch = lm.build_batch(prompts, [s for s in subjects for _ in templates], [k for _ in subjects for k in range(len(templates))])
+    calls: list[int] = []
+    handle = lm.model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            shared = lm.blank_logits(batch)
+            lm.reuse_prefix = False
+            whole = lm.blank_logits(batch)
+    finally:
+        lm.reuse_prefix = True
+        handle.remove()
+    torch.testing.assert_close(shared, whole, atol=1e-4, rtol=1e-4)
+    assert calls == [len(subjects), len(batch), len(batch)]
