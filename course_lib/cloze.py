@@ -15,7 +15,9 @@ position before the output projection (so only the blank's logits are computed, 
 vocabulary at every position), one per layer adds a prompt perturbation if one is active
 (``course_lib.soft_prompts``), and a pair on each of the layers' linear maps drops the padding
 before the matrix multiply and puts it back after (see ``ClozeLM.unpad``). No modeling code is
-copied.
+copied. Two more savings use only the stock models' own arguments: training reads one token's
+log-probability in a single pass over the output layer (``token_log_probs``), and a causal LM runs
+the part of each row before the prompt apart, through its key/value cache (``_prefix_split``).
 """
 
 from __future__ import annotations
@@ -134,7 +136,10 @@ class ClozeLM:
         # While a list: the gather hook appends the read positions' hidden states to it and lets the
         # output layer compute nothing (``token_log_probs`` does the projection itself).
         self._captured: list[torch.Tensor] | None = None
-        self._head_plain: bool | None = None  # whether logits are exactly the output layer's (see _plain_head)
+        # token_log_probs in one pass over the output layer (course_lib.vocab_log_probs), where the
+        # model's logits are exactly that layer's (checked once, _plain_head); off: logits + log_softmax.
+        self.vocab_one_pass = True
+        self._head_plain: bool | None = None
         # Causal LMs: run the part of each row before its first prompt token apart (_prefix_split).
         self.reuse_prefix = True
         self.reuse_prefix_min_saving = REUSE_PREFIX_MIN_SAVING
@@ -430,7 +435,7 @@ class ClozeLM:
         without ever holding the [B, V] logits.
         """
         targets = targets.to(self.device)
-        if not self._plain_head():
+        if not (self.vocab_one_pass and self._plain_head()):
             logp = torch.log_softmax(self._logits_at(batch, read, perturbation), dim=-1)
             return logp.gather(2, targets.reshape(len(batch), -1, 1)).reshape(targets.shape)
         hidden = self._hidden_at(batch, read, perturbation)

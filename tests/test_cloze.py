@@ -424,6 +424,11 @@ def test_token_log_probs_match_blank_log_probs_values_and_gradients(name):
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_grad, soft.offsets.grad, atol=1e-6, rtol=1e-4)
     assert fast_grad.abs().sum() > 0
+    lm.vocab_one_pass = False  # the switch: logits and log_softmax, the same numbers
+    try:
+        torch.testing.assert_close(lm.token_log_probs(batch, batch.read_index, targets, soft.perturbation), full, atol=1e-5, rtol=1e-5)
+    finally:
+        lm.vocab_one_pass = True
 
 
 def test_token_log_probs_take_the_models_logits_when_it_changes_them_after_the_output_layer():
