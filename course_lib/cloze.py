@@ -158,6 +158,11 @@ class ClozeLM:
         return next(self.model.parameters()).device
 
     @property
+    def _pad_id(self) -> int:
+        # Padded positions are masked out, so any id does where the tokenizer has no pad token (GPT-2).
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @property
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().embedding_dim
 
@@ -316,7 +321,7 @@ class ClozeLM:
             rows.append((ids, slots, subj, read))
             truncated.append(cut)
         S = max(len(r[0]) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = self._pad_id
         B = len(rows)
         input_ids = torch.full((B, S), pad, dtype=torch.long)
         attention = torch.zeros((B, S), dtype=torch.long)
@@ -486,7 +491,7 @@ class ClozeLM:
         B, S = batch.input_ids.shape
         P = distinct.shape[1]
         positions = torch.arange(S, device=self.device)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = self._pad_id
         # Padded on the left, so that the cache's slot distances are the true token distances
         # (sliding-window layers, as Gemma's, count them), and the rest follows right after.
         source = positions[None, :P] - (P - (distinct >= 0).sum(1, keepdim=True))
