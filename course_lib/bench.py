@@ -448,8 +448,13 @@ def time_breakdown(lm: ClozeLM, fn: Callable[[], Any]) -> dict[str, float]:
 # ============================================================================ 1. evaluation throughput
 def eval_throughput(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, n_facts: int = 256, batch_size: int = SCORING_BATCH,
                     repeats: int = 3, warmup: int = 1, pipeline: bool | None = None, naive: bool = True,
-                    matmul_sizes: Sequence[int] = (1024, 2048), breakdown: bool = True, verbose: bool = True) -> dict[str, Any]:
-    """Facts/s of P@1 over ``n_facts`` test facts: score_facts vs a naive loop (vs fill-mask pipeline)."""
+                    matmul_sizes: Sequence[int] = (1024, 2048), breakdown: bool = True, compile: bool = False,
+                    verbose: bool = True) -> dict[str, Any]:
+    """Facts/s of P@1 over ``n_facts`` test facts: score_facts vs a naive loop (vs fill-mask pipeline).
+
+    ``compile`` adds ours through ``torch.compile`` (``ClozeLM.compile``); its first call, which
+    compiles, is timed apart as ``compile_s``.
+    """
     template = first_template(lm, relation)
     facts, remapped = bench_facts(lm, template, n_facts, relation)
     flops, tokens = useful_flops(lm, template, facts)
@@ -467,6 +472,22 @@ def eval_throughput(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, n_facts: i
     if pipeline:
         pipe = make_pipeline(lm)
         fns["fill-mask pipeline"] = lambda: p1.__setitem__("fill-mask pipeline", pipeline_p_at_1(lm, template, facts, batch_size, pipe))
+    compile_s = None
+    if compile:
+        lm.compile()
+        compiled, lm.compiled = lm.compiled, None  # "ours" stays eager
+
+        def ours_compiled():
+            lm.compiled = compiled
+            try:
+                p1["ours + torch.compile"] = score_facts(lm, [template], facts, batch_size=batch_size).metrics()["p_at_1"]
+            finally:
+                lm.compiled = None
+
+        t0 = time.perf_counter()
+        ours_compiled()
+        compile_s = time.perf_counter() - t0
+        fns["ours + torch.compile"] = ours_compiled
     peak_before = matmul_peak(matmul_sizes, repeats=max(2, repeats), device=lm.device)
     times = measure(fns, repeats=repeats, warmup=warmup, device=lm.device, warmup_fns=light)
     peak = _merge_peaks(peak_before, matmul_peak(matmul_sizes, repeats=max(2, repeats), device=lm.device))
@@ -484,6 +505,8 @@ def eval_throughput(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, n_facts: i
         "ratios": {f"ours / {name}": _ratio(variants["ours"]["facts_per_s"], v["facts_per_s"]) for name, v in variants.items() if name != "ours"},
         "threads": torch.get_num_threads(), "load_average": _loadavg(),
     }
+    if compile_s is not None:
+        result["compile_s"] = compile_s
     if breakdown:
         result["breakdown"] = time_breakdown(lm, ours)
     result["goals"] = _eval_goals(result)

@@ -64,6 +64,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="full (the model's vocabulary), common (LAMA's common vocabulary) or relation (the relation's "
                         "objects); probe accepts several, comma-separated, scored in one pass")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--compile", action="store_true",
+                   help="run forward passes through torch.compile (ClozeLM.compile; measure first: bench/eval_throughput.py --compile)")
     p.add_argument("--out", help="CSV file to write (default under results/)")
 
 
@@ -166,6 +168,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("tune", "reproduce") and "," in args.answer_space:
         raise ValueError(f"--answer-space: {args.command} takes one answer space, got {args.answer_space!r}")
     lm = load_model(args.model, device=args.device)
+    if args.compile:
+        lm.compile()
     relations = _relations(args.relations)
     if args.command == "probe":
         from .probing import probe

@@ -140,6 +140,8 @@ class ClozeLM:
         # model's logits are exactly that layer's (checked once, _plain_head); off: logits + log_softmax.
         self.vocab_one_pass = True
         self._head_plain: bool | None = None
+        # torch.compile'd forward passes, set by compile(); None: eager (the default).
+        self.compiled: nn.Module | None = None
         # Causal LMs: run the part of each row before its first prompt token apart (_prefix_split).
         self.reuse_prefix = True
         self.reuse_prefix_min_saving = REUSE_PREFIX_MIN_SAVING
@@ -156,6 +158,16 @@ class ClozeLM:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def compile(self, **options) -> None:
+        """Run forward passes through ``torch.compile`` (off by default: measure it first, with
+        ``python bench/eval_throughput.py --compile``). The hooks are traced with the model; shapes
+        are dynamic because every batch has its own length. ``lm.compiled = None`` goes back to eager."""
+        self.compiled = torch.compile(self.model, dynamic=True, **options)
+
+    @property
+    def _runner(self) -> nn.Module:
+        return self.compiled if self.compiled is not None else self.model
 
     @property
     def _pad_id(self) -> int:
@@ -395,7 +407,7 @@ class ClozeLM:
             kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             if self.family is Family.SEQ2SEQ:
                 kwargs["decoder_input_ids"] = batch.decoder_input_ids
-            return self.model(**kwargs).logits.float()
+            return self._runner(**kwargs).logits.float()
 
     def subject_log_likelihood(self, batch: ClozeBatch, perturbation: Perturbation | None = None) -> torch.Tensor:
         """How plausible the model finds each subject in its slot: [B] log-probabilities.
@@ -498,7 +510,7 @@ class ClozeLM:
         real = source >= 0
         prefix_ids = distinct.clamp_min(0).gather(1, source.clamp_min(0)).masked_fill(~real, pad)
         with torch.no_grad(), self._unpadded(real.long()), self._capturing(), self._autocast():
-            cache = self.model(input_ids=prefix_ids, attention_mask=real.long(), position_ids=source.clamp_min(0),
+            cache = self._runner(input_ids=prefix_ids, attention_mask=real.long(), position_ids=source.clamp_min(0),
                                use_cache=True).past_key_values
         cache.batch_select_indices(which)
         prefix_mask = real.long()[which]
@@ -513,7 +525,7 @@ class ClozeLM:
             batch.max_prompt_tokens,
         )
         with self._reading(second.read_index), self._perturbed(perturbation, second), self._unpadded(rest_mask), self._autocast():
-            return self.model(input_ids=second.input_ids, attention_mask=torch.cat([prefix_mask, rest_mask], 1),
+            return self._runner(input_ids=second.input_ids, attention_mask=torch.cat([prefix_mask, rest_mask], 1),
                               position_ids=cut[:, None] + positions[None, :R], past_key_values=cache, use_cache=True).logits.float()
 
     @contextlib.contextmanager

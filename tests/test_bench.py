@@ -126,6 +126,16 @@ def test_mixtures() -> None:
     assert r["per_k"]["1"]["ratio_to_k_times_single"] == pytest.approx(1.0)
 
 
+def test_eval_throughput_with_torch_compile() -> None:
+    lm = tiny("tiny-gpt2")
+    r = bench.eval_throughput(lm, n_facts=4, batch_size=2, repeats=1, warmup=1, matmul_sizes=(64,), naive=False,
+                              breakdown=False, compile=True, verbose=False)
+    assert set(r["variants"]) == {"ours", "ours + torch.compile"}
+    assert r["variants"]["ours + torch.compile"]["p_at_1"] == r["variants"]["ours"]["p_at_1"]
+    assert positive(r["compile_s"]) and positive(r["ratios"]["ours / ours + torch.compile"])
+    assert lm.compiled is None  # back to eager after the benchmark
+
+
 def test_depth() -> None:
     lm = tiny("tiny-gemma3")  # 2 layers: depths 6 and 12 do not exist and are skipped
     r = bench.depth(lm, depths=(0, 1, 6, 12, "all"), batch_size=2, repeats=2, warmup=0, verbose=False)

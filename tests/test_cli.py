@@ -49,6 +49,17 @@ def test_probe_prints_a_table_and_a_summary_and_writes_the_csv(tmp_path: Path, c
     assert (table["kept"] + table["dropped"] == table["facts"]).all()
 
 
+def test_compile_flag_compiles_the_model_before_probing(tmp_path: Path, capsys, monkeypatch) -> None:
+    from course_lib.cloze import ClozeLM
+
+    compiled: list[str] = []
+    # Recorded, not run: compiling costs seconds, and tests/test_cloze.py checks compiled scores.
+    monkeypatch.setattr(ClozeLM, "compile", lambda self, **options: compiled.append(self.name))
+    code, _, _ = call(["probe", "--model", "tiny-bert", "--relations", "P36", "--max-facts", 2, "--compile",
+                       "--out", tmp_path / "p.csv"], capsys)
+    assert code == 0 and compiled == ["tiny-bert"]
+
+
 TUNE = ["tune", "--model", "tiny-gpt2", "--relations", "P103", "--init", "random", "--mixture", "1", "--depth", "0",
         "--epochs", "1", "--max-train", "16", "--max-dev", "8", "--max-test", "8"]
 

@@ -523,3 +523,24 @@ def test_scoring_k_prompts_runs_each_subjects_prefix_once(name):
         handle.remove()
     torch.testing.assert_close(shared, whole, atol=1e-4, rtol=1e-4)
     assert calls == [len(subjects), len(batch), len(batch)]
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile (optional)
+
+def test_compiled_forward_passes_give_the_eager_scores():
+    from course_lib.soft_prompts import SoftPrompt
+
+    lm = load_model("tiny-gpt2", device="cpu")  # its own copy: compiling must not leak into other tests
+    templates = [Template("[X] was born in [Y] ."), Template("The capital of [X] is [Y] .")]
+    soft = SoftPrompt(lm, templates)
+    with torch.no_grad():
+        soft.offsets.normal_(0, 0.05)
+    batches = [soft.batch(lm, ["Dante", "Marie Curie", "Kaliningrad Oblast"], [0, 1, 0]), soft.batch(lm, ["Paris", "Victor Hugo"], [1, 1])]
+    with torch.no_grad():
+        eager = [lm.blank_logits(b, soft.perturbation) for b in batches]
+        lm.compile()
+        compiled = [lm.blank_logits(b, soft.perturbation) for b in batches]  # two lengths: dynamic shapes
+    assert lm.compiled is not None
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
