@@ -16,13 +16,6 @@ import pytest
 from course_lib import download as dl
 from course_lib.download import ChecksumMismatch, DataNotFound, fetch_all, fetch_file, load_registry
 
-SHARED = (
-    Path(os.environ["COURSE_LIB_DATA"]).expanduser()
-    if os.environ.get("COURSE_LIB_DATA")
-    else Path(__file__).resolve().parents[2] / "shared" / "data"
-)
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no shared data folder at {SHARED}")
-
 # Small files from different sources, one with a dotted/deep path.
 SMALL = [
     "soft_prompts/prompts/trex/P17.jsonl",
@@ -48,14 +41,12 @@ def _no_url_base(monkeypatch):
 
 
 @pytest.fixture
-def mirror(tmp_path) -> Path:
+def mirror(tmp_path, shared_dir) -> Path:
     """A private copy of a few shared files, served through file:// URLs."""
-    if not SHARED.is_dir():
-        pytest.skip(f"no shared data folder at {SHARED}")
     root = tmp_path / "mirror"
     for rel in SMALL:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(SHARED / rel, root / rel)
+        shutil.copyfile(shared_dir / rel, root / rel)
     return root
 
 
@@ -97,10 +88,9 @@ def test_load_registry_returns_a_copy():
     assert fresh[REL]["sha256"] != "0" * 64 and SMALL[1] in fresh
 
 
-@needs_shared
-def test_registry_covers_every_shared_file_with_correct_checksum():
+def test_registry_covers_every_shared_file_with_correct_checksum(shared_dir):
     reg = load_registry()
-    on_disk = {p.relative_to(SHARED).as_posix(): p for p in SHARED.rglob("*") if p.is_file()}
+    on_disk = {p.relative_to(shared_dir).as_posix(): p for p in shared_dir.rglob("*") if p.is_file()}
     assert sorted(set(on_disk) - set(reg)) == [], "files missing from the registry: rerun scripts/make_data_registry.py"
     assert sorted(set(reg) - set(on_disk)) == [], "registry lists files the shared folder lacks"
     bad = [rel for rel, p in on_disk.items() if p.stat().st_size != reg[rel]["size"] or sha(p) != reg[rel]["sha256"]]
@@ -112,18 +102,17 @@ def test_registry_covers_every_shared_file_with_correct_checksum():
 
 
 @pytest.mark.parametrize("rel", SMALL)
-def test_download_via_url_base(monkeypatch, mirror, dest, rel):
+def test_download_via_url_base(monkeypatch, mirror, dest, rel, shared_dir):
     monkeypatch.setenv(dl.URL_BASE_ENV, mirror.as_uri())
     path = fetch_file(rel, dest, progress=False)
     assert path == dest / rel
     assert sha(path) == load_registry()[rel]["sha256"]
-    assert path.read_bytes() == (SHARED / rel).read_bytes()
+    assert path.read_bytes() == (shared_dir / rel).read_bytes()
     assert files_under(dest) == [path]  # no temporary file left behind
 
 
-@needs_shared
-def test_download_from_the_shared_folder_itself(monkeypatch, dest):
-    monkeypatch.setenv(dl.URL_BASE_ENV, SHARED.as_uri() + "/")  # a trailing slash is fine
+def test_download_from_the_shared_folder_itself(monkeypatch, dest, shared_dir):
+    monkeypatch.setenv(dl.URL_BASE_ENV, shared_dir.as_uri() + "/")  # a trailing slash is fine
     path = fetch_file("lama/relations.jsonl", dest, progress=False)
     assert sha(path) == load_registry()["lama/relations.jsonl"]["sha256"]
 
@@ -268,9 +257,8 @@ def test_file_without_public_url(dest):
 # fetch_all
 
 
-@needs_shared
-def test_fetch_all_by_prefix(monkeypatch, dest):
-    monkeypatch.setenv(dl.URL_BASE_ENV, SHARED.as_uri())
+def test_fetch_all_by_prefix(monkeypatch, dest, shared_dir):
+    monkeypatch.setenv(dl.URL_BASE_ENV, shared_dir.as_uri())
     paths = fetch_all(dest, ["lpaqa/prompt/manual_paraphrase", "lama/relations.jsonl"], progress=True)
     assert len(paths) == 42
     reg = load_registry()

