@@ -126,6 +126,7 @@ def test_mixtures() -> None:
     assert r["per_k"]["1"]["ratio_to_k_times_single"] == pytest.approx(1.0)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")  # raised inside torch.compile
 def test_eval_throughput_with_torch_compile() -> None:
     lm = tiny("tiny-gpt2")
     r = bench.eval_throughput(lm, n_facts=4, batch_size=2, repeats=1, warmup=1, matmul_sizes=(64,), naive=False,

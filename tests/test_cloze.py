@@ -528,6 +528,7 @@ def test_scoring_k_prompts_runs_each_subjects_prefix_once(name):
 # --------------------------------------------------------------------------------------------
 # torch.compile (optional)
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")  # raised inside torch.compile
 def test_compiled_forward_passes_give_the_eager_scores():
     from course_lib.soft_prompts import SoftPrompt
 
