@@ -461,8 +461,8 @@ def eval_throughput(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, n_facts: i
     pipeline = lm.family is Family.MASKED if pipeline is None else pipeline
     p1: dict[str, float] = {}
 
-    def ours():
-        p1["ours"] = score_facts(lm, [template], facts, batch_size=batch_size).metrics()["p_at_1"]
+    def ours(variant: str = "ours"):
+        p1[variant] = score_facts(lm, [template], facts, batch_size=batch_size).metrics()["p_at_1"]
 
     fns: dict[str, Callable[[], Any]] = {"ours": ours}
     light: dict[str, Callable[[], Any]] = {}
@@ -480,7 +480,7 @@ def eval_throughput(lm: ClozeLM, *, relation: str = DEFAULT_RELATION, n_facts: i
         def ours_compiled():
             lm.compiled = compiled
             try:
-                p1["ours + torch.compile"] = score_facts(lm, [template], facts, batch_size=batch_size).metrics()["p_at_1"]
+                ours("ours + torch.compile")
             finally:
                 lm.compiled = None
 
