@@ -187,6 +187,26 @@ class ClozeLM:
         """Layers whose outputs a deep perturbation touches (encoder + decoder for BART)."""
         return len(self.hooked_rows) - 1
 
+    def row_modules(self, row: int) -> list[tuple[nn.Module, Stream]]:
+        """The stock modules whose outputs row ``row`` of an offset tensor perturbs, with the stream each reads.
+
+        Row 0: the token-embedding module(s); row i: the i-th transformer layer (BART: the encoder's
+        layers, then the decoder's). A chapter hooks these instead of an architecture's attribute
+        names (``model.model.layers``, ``bert.encoder.layer``, ...).
+        """
+        return list(self.hooked_rows[row])
+
+    def model_inputs(self, batch: ClozeBatch) -> dict[str, torch.Tensor]:
+        """The stock model's keyword arguments for ``batch``, on the model's device: ``self.model(**inputs)``.
+
+        BART also gets its decoder input (the sentence shifted right by one), so that every family
+        is read the same way: the logits at ``batch.read_index`` predict the blank.
+        """
+        inputs = {"input_ids": batch.input_ids.to(self.device), "attention_mask": batch.attention_mask.to(self.device)}
+        if self.family is Family.SEQ2SEQ:
+            inputs["decoder_input_ids"] = batch.decoder_input_ids.to(self.device)
+        return inputs
+
     def _find_rows(self) -> list[list[tuple[nn.Module, Stream]]]:
         """Row 0: the token-embedding modules; row i: the i-th transformer layer (encoder, then decoder)."""
         if self.family is Family.SEQ2SEQ:
@@ -403,7 +423,7 @@ class ClozeLM:
         split = self._prefix_split(batch, read, perturbation)
         if split is not None:
             return self._forward_after_prefix(batch, read, perturbation, *split)
-        with self._reading(read), self._perturbed(perturbation, batch), self._unpadded(batch.attention_mask), self._autocast():
+        with self._reading(read), self._perturbed(perturbation, batch), self._unpadded(batch.attention_mask), self.autocast_context():
             kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             if self.family is Family.SEQ2SEQ:
                 kwargs["decoder_input_ids"] = batch.decoder_input_ids
@@ -509,7 +529,7 @@ class ClozeLM:
         source = positions[None, :P] - (P - (distinct >= 0).sum(1, keepdim=True))
         real = source >= 0
         prefix_ids = distinct.clamp_min(0).gather(1, source.clamp_min(0)).masked_fill(~real, pad)
-        with torch.no_grad(), self._unpadded(real.long()), self._capturing(), self._autocast():
+        with torch.no_grad(), self._unpadded(real.long()), self._capturing(), self.autocast_context():
             cache = self._runner(input_ids=prefix_ids, attention_mask=real.long(), position_ids=source.clamp_min(0),
                                use_cache=True).past_key_values
         cache.batch_select_indices(which)
@@ -524,7 +544,7 @@ class ClozeLM:
             batch.prompt_slot.gather(1, take).masked_fill(rest_mask == 0, -1), batch.subject_mask.gather(1, take) & rest_mask.bool(),
             batch.max_prompt_tokens,
         )
-        with self._reading(second.read_index), self._perturbed(perturbation, second), self._unpadded(rest_mask), self._autocast():
+        with self._reading(second.read_index), self._perturbed(perturbation, second), self._unpadded(rest_mask), self.autocast_context():
             return self._runner(input_ids=second.input_ids, attention_mask=torch.cat([prefix_mask, rest_mask], 1),
                               position_ids=cut[:, None] + positions[None, :R], past_key_values=cache, use_cache=True).logits.float()
 
@@ -565,7 +585,8 @@ class ClozeLM:
             on = self.autocast
         return torch.bfloat16 if on else None
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast_context(self) -> contextlib.AbstractContextManager:
+        """The precision the library's forward passes run in; a by-hand pass in it compares like with like."""
         dtype = self.autocast_dtype()
         return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 

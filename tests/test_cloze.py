@@ -545,3 +545,35 @@ def test_compiled_forward_passes_give_the_eager_scores():
     assert lm.compiled is not None
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", TINY_MODEL_NAMES)
+def test_model_inputs_give_the_stock_models_blank_logits(name):
+    """What the chapters do by hand: the stock model on ``model_inputs(batch)``, read at ``read_index``."""
+    lm = lm_for(name)
+    batch = batch_of(lm, CAUSAL_PAIRS if FAMILY_OF[name] == "causal" else MASKED_PAIRS)
+    with torch.no_grad():
+        logits = lm.model(**lm.model_inputs(batch)).logits
+        by_hand = logits[torch.arange(len(batch)), batch.read_index]
+        library = lm.blank_logits(batch)
+    torch.testing.assert_close(by_hand.float(), library, atol=1e-4, rtol=1e-4)
+    assert ("decoder_input_ids" in lm.model_inputs(batch)) == (FAMILY_OF[name] == "seq2seq")
+
+
+@pytest.mark.parametrize("name", TINY_MODEL_NAMES)
+def test_row_modules_are_the_embedding_then_every_layer_in_order(name):
+    lm = lm_for(name)
+    assert all(isinstance(m, torch.nn.Embedding) for m, _ in lm.row_modules(0))
+    layers = [m for row in range(1, lm.n_layers + 1) for m, _ in lm.row_modules(row)]
+    assert len(layers) == lm.n_layers == len(set(map(id, layers)))
+    # each row's module is called once per forward pass, in row order
+    calls = []
+    handles = [m.register_forward_hook(lambda mod, a, o, row=row: calls.append(row))
+               for row in range(1, lm.n_layers + 1) for m, _ in lm.row_modules(row)]
+    try:
+        with torch.no_grad():
+            lm.blank_logits(batch_of(lm, CAUSAL_PAIRS[:1]))
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == list(range(1, lm.n_layers + 1))
