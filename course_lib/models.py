@@ -113,6 +113,20 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: torc
     return ClozeLM(model, tokenizer, family, name=name, revision=revision)
 
 
+def with_random_weights(lm: ClozeLM, seed: int = 0) -> ClozeLM:
+    """The same architecture and tokenizer as ``lm``, every weight drawn afresh: a control that knows nothing.
+
+    Built from ``lm``'s own config with the stock class's initialisation, for any family, on
+    ``lm``'s device and dtype.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = type(lm.model)(lm.model.config)
+    dtype = next(lm.model.parameters()).dtype
+    model.to(device=lm.device, dtype=dtype)
+    return ClozeLM(model, lm.tokenizer, lm.family, name=f"{lm.name}-random", revision=f"random weights, seed {seed}")
+
+
 def _package_revision(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -3,13 +3,24 @@
 # _build/executed/<same path>.ipynb, and print how long each took. The site is built from these
 # executed notebooks (scripts/build_book.sh) and nbval re-runs them (make test-notebooks).
 #
+# BOOK_MODEL=<name> executes the chapters on another model (papermill sets the chapters' MODEL)
+# into _build/executed-<name>/ instead: `make test-families` runs them on a tiny random model of
+# each family (masked, seq2seq, causal), so that every by-hand check runs on every family.
+#
 # A chapter is re-executed only when its source or the library (course_lib/) is newer than its
 # executed copy, or the budget changed; expensive results inside chapters are cached on disk anyway (course_lib.experiments).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 BUDGET="${BOOK_BUDGET:-ci}"
-OUT="$ROOT/_build/executed"
+MODEL="${BOOK_MODEL:-}"
+if [[ -n "$MODEL" ]]; then
+  OUT="$ROOT/_build/executed-${MODEL//\//--}"
+  model_args=(-p MODEL "$MODEL")
+else
+  OUT="$ROOT/_build/executed"
+  model_args=()
+fi
 mkdir -p "$OUT"
 stamp="$OUT/.budget"
 if [[ -f "$stamp" && "$(cat "$stamp")" != "$BUDGET" ]]; then
@@ -36,6 +47,7 @@ for f in walk(toc):
 PY
 )
 times="$OUT/times.tsv"
+failed=()
 : > "$times.new"
 for nb in "${notebooks[@]}"; do
   dest="$OUT/$nb"
@@ -46,15 +58,25 @@ for nb in "${notebooks[@]}"; do
     grep -P "^\Q$nb\E\t" "$times" >> "$times.new" 2>/dev/null || true
     continue
   fi
-  echo "==> executing $nb (BUDGET=$BUDGET)"
+  echo "==> executing $nb (BUDGET=$BUDGET${MODEL:+, MODEL=$MODEL})"
   start=$(date +%s)
   # Written next to the final path and renamed: an interrupted run never leaves a half-executed
   # notebook that a later build would take for a finished one.
-  BOOK_BUDGET="$BUDGET" papermill "$nb" "$dest.partial.ipynb" -p BUDGET "$BUDGET" -k python3 \
-    --cwd "$(dirname "$nb")" --log-level WARNING --no-progress-bar
-  mv "$dest.partial.ipynb" "$dest"
-  printf '%s\t%s\n' "$nb" "$(( $(date +%s) - start ))" >> "$times.new"
+  if BOOK_BUDGET="$BUDGET" papermill "$nb" "$dest.partial.ipynb" -p BUDGET "$BUDGET" "${model_args[@]}" -k python3 \
+    --cwd "$(dirname "$nb")" --log-level WARNING --no-progress-bar; then
+    mv "$dest.partial.ipynb" "$dest"
+    printf '%s\t%s\n' "$nb" "$(( $(date +%s) - start ))" >> "$times.new"
+  else
+    failed+=("$nb")
+    printf '%s\tFAILED after %s\n' "$nb" "$(( $(date +%s) - start ))" >> "$times.new"
+    # KEEP_GOING=1 (make test-families): execute the other chapters too, and fail at the end.
+    [[ "${KEEP_GOING:-0}" == "1" ]] || { mv "$times.new" "$times"; exit 1; }
+  fi
 done
 mv "$times.new" "$times"
-echo "==> execution time per chapter (seconds, budget $BUDGET):"
+echo "==> execution time per chapter (seconds, budget $BUDGET${MODEL:+, model $MODEL}):"
 column -t "$times" || cat "$times"
+if (( ${#failed[@]} )); then
+  echo "==> FAILED${MODEL:+ on $MODEL}: ${failed[*]} (the partial notebooks are beside them in ${OUT#"$ROOT"/}/)" >&2
+  exit 1
+fi
