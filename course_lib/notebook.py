@@ -51,6 +51,17 @@ def _read_table_entry(path: Path) -> pd.DataFrame | None:
         return None
 
 
+def tolerance(lm) -> dict[str, float]:
+    """``atol``/``rtol`` for a chapter's "by hand = library" check of logits or log-probabilities.
+
+    The two sides add the same numbers in another order; in float32 that moves the fourth decimal
+    at most, under bfloat16 autocast (on GPUs, see ``ClozeLM.autocast``) the second.
+    """
+    if lm.autocast_dtype() is None:
+        return {"atol": 2e-3, "rtol": 1e-4}
+    return {"atol": 0.15, "rtol": 0.02}
+
+
 def top_answers(lm, template_text: str, subject: str, k: int = 10) -> pd.DataFrame:
     """The model's k best fillers for one (template, subject), with probabilities."""
     import torch
