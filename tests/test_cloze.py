@@ -577,3 +577,21 @@ def test_row_modules_are_the_embedding_then_every_layer_in_order(name):
         for h in handles:
             h.remove()
     assert calls == list(range(1, lm.n_layers + 1))
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-bart", "tiny-gemma3"])
+def test_by_hand_under_autocast_context_agrees_within_the_chapters_tolerance(name):
+    """The chapters' by-hand checks under bf16 autocast (what a GPU runs): notebook.tolerance covers them."""
+    from course_lib.notebook import tolerance
+
+    lm = load_model(name, device="cpu")
+    lm.autocast = True  # forced on the CPU: the same casts as on a GPU
+    batch = batch_of(lm, CAUSAL_PAIRS if FAMILY_OF[name] == "causal" else MASKED_PAIRS)
+    with torch.no_grad(), lm.autocast_context():
+        by_hand = lm.model(**lm.model_inputs(batch)).logits[torch.arange(len(batch)), batch.read_index].float()
+    with torch.no_grad():
+        library = lm.blank_logits(batch)
+    assert tolerance(lm)["atol"] > 1e-2  # the loose rule applies
+    torch.testing.assert_close(by_hand, library, **tolerance(lm))
+    lm.autocast = False
+    assert tolerance(lm)["atol"] < 1e-2
