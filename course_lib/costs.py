@@ -148,7 +148,9 @@ def measure_batch_costs(lm, templates, facts, batch_size: int, repeats: int = 3)
     """Seconds per training step and per scoring batch of ``lm`` on this machine, median of ``repeats``.
 
     On a tiny model the arithmetic is negligible and what is left is the per-batch overhead
-    (tokenization, Python, hooks, optimizer step) that a large model on a GPU pays as well.
+    (tokenization, Python, hooks, optimizer step) that a large model on a GPU pays as well. That
+    overhead is single-threaded work, so it is timed on one thread in this process's CPU time: other
+    programs on a busy machine then lengthen the wall clock, not the measurement.
     """
     import statistics
     import time
@@ -178,12 +180,17 @@ def measure_batch_costs(lm, templates, facts, batch_size: int, repeats: int = 3)
         score_facts(lm, templates, facts[: 2 * batch_size], batch_size=2 * batch_size)
 
     timings = {}
-    for name, run in (("step", step), ("score", score)):
-        run()  # warm-up: caches, allocator
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        timings[name] = statistics.median(times)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, run in (("step", step), ("score", score)):
+            run()  # warm-up: caches, allocator
+            times = []
+            for _ in range(repeats):
+                t0 = time.process_time()
+                run()
+                times.append(time.process_time() - t0)
+            timings[name] = statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)
     return UnitCosts(0.0, 0.0, train_step=timings["step"], score_batch=timings["score"])
