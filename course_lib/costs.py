@@ -13,7 +13,7 @@ and the device's datasheet (the preface's Colab estimate, marked as an estimate 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 
@@ -23,29 +23,34 @@ from .experiments import LADDER, Budget, Rung
 
 @dataclass(frozen=True)
 class Work:
-    """Fact-passes of one run: with a backward pass (``train``) and forward only (``score``), and the
-    batches they come in (a training step holds ``batch_size`` facts under all K prompts)."""
+    """Fact-passes of one run, and the batches they come in.
+
+    ``train``: passes with a backward pass under a run's first prompt; ``train_extra``: under its
+    other K-1 prompts, which cost less where they share work (a causal LM's subject prefix);
+    ``score``: forward passes only. A training step holds ``batch_size`` facts under all K prompts.
+    """
 
     train: float
     score: float
     train_steps: float = 0
     score_batches: float = 0
+    train_extra: float = 0
+    deep: bool = False
 
 
 def rung_work(r: Rung, n_train: int, n_dev: int, n_test: int, k: int, epochs: int, batch_size: int) -> Work:
     """The fact-passes of rung ``r`` on one relation (an upper bound: early stopping ends runs sooner).
 
-    ``k``: the prompts a mixture uses, and the candidates ``lpaqa-best-hard`` scores on dev. A deep
-    rung costs what a shallow one does per pass (bench: depth, 0.99-1.10x). Scoring batches hold
-    ``2 * batch_size`` fact-passes, as ``training.tune`` and ``run_rung`` score.
+    ``k``: the prompts a mixture uses, and the candidates ``lpaqa-best-hard`` scores on dev. Scoring
+    batches hold ``2 * batch_size`` fact-passes, as ``training.tune`` and ``run_rung`` score.
     """
     if not r.tuned:
         score = n_test if r.prompt_set == "lama" else n_dev * k + n_test
         return Work(0, score, 0, math.ceil(score / (2 * batch_size)))
     prompts = k if r.mixture else 1
     score = epochs * n_dev * prompts + n_test * prompts
-    return Work(epochs * n_train * prompts, score, epochs * math.ceil(n_train / batch_size),
-                math.ceil(score / (2 * batch_size)))
+    return Work(epochs * n_train, score, epochs * math.ceil(n_train / batch_size), math.ceil(score / (2 * batch_size)),
+                train_extra=epochs * n_train * (prompts - 1), deep=r.depth != 0)
 
 
 def ladder_work(budget: Budget, dataset: str = "trex_original", relations: list[str] | None = None,
@@ -68,7 +73,8 @@ def ladder_work(budget: Budget, dataset: str = "trex_original", relations: list[
         k = max(1, _capped(k, budget.max_templates))
         for r in LADDER:
             w = rung_work(r, n["train"], n["dev"], n["test"], k, budget.epochs, budget.batch_size)
-            rows.append({"relation": rel, "rung": r.name, "K": k, **n, "train_passes": w.train, "score_passes": w.score,
+            rows.append({"relation": rel, "rung": r.name, "K": k, **n, "train_passes": w.train,
+                         "train_extra_passes": w.train_extra, "deep": w.deep, "score_passes": w.score,
                          "train_steps": w.train_steps, "score_batches": w.score_batches})
     return pd.DataFrame(rows)
 
@@ -79,21 +85,30 @@ def _capped(n: int, cap: int | None) -> int:
 
 @dataclass(frozen=True)
 class UnitCosts:
-    """Seconds per fact-pass (with a backward pass and without) and per batch (training step, scoring batch)."""
+    """Seconds per fact-pass and per batch.
+
+    ``extra_prompt_pass``: a training pass under a mixture's second and later prompts (None: as
+    ``train_pass``); ``deep_factor``: how much more a pass costs when every layer is perturbed.
+    """
 
     train_pass: float
     score_pass: float
     train_step: float = 0.0
     score_batch: float = 0.0
+    extra_prompt_pass: float | None = None
+    deep_factor: float = 1.0
 
     def plus_overheads(self, overheads: "UnitCosts") -> "UnitCosts":
         """These per-pass costs with ``overheads``' per-batch costs (e.g. measured on a tiny model)."""
-        return UnitCosts(self.train_pass, self.score_pass, overheads.train_step, overheads.score_batch)
+        return replace(self, train_step=overheads.train_step, score_batch=overheads.score_batch)
 
 
 def seconds(work: pd.DataFrame, cost: UnitCosts) -> pd.Series:
     """Seconds of each row of ``ladder_work`` at ``cost``."""
-    return (work["train_passes"] * cost.train_pass + work["score_passes"] * cost.score_pass
+    extra = cost.train_pass if cost.extra_prompt_pass is None else cost.extra_prompt_pass
+    training = work["train_passes"] * cost.train_pass + work["train_extra_passes"] * extra
+    training = training * work["deep"].map({True: cost.deep_factor, False: 1.0})
+    return (training + work["score_passes"] * cost.score_pass
             + work["train_steps"] * cost.train_step + work["score_batches"] * cost.score_batch)
 
 
