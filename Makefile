@@ -4,14 +4,16 @@
 #   make book     execute the chapters at the `ci` budget on the offline default model and build
 #                 the site into _build/html (incremental; `make book CLEAN=1` starts from an empty _build)
 #   make test     the full test suite: unit tests (the `gemma` ones included), the book build
-#                 (chapters executed by papermill), nbval over the executed chapters, the site
+#                 (chapters executed by papermill), nbval over the executed chapters, every chapter
+#                 executed on a tiny model of each family (masked, seq2seq, causal), the site
 #                 tests in headless Chromium.
 #                 CI runs exactly this (.ci/run).
 #   make bench    python -m course_lib bench   (BENCH_ARGS="..." for its options)
 #   make clean    remove _build/ and test caches (keeps .venv, node_modules, results/, runs/)
 #   make distclean   clean, and remove .venv and node_modules too
 #
-# Pieces, for use after `make setup`: test-unit, book-build, test-notebooks, test-exercises, test-site.
+# Pieces, for use after `make setup`: test-unit, book-build, test-notebooks, test-families,
+# test-exercises, test-site.
 #   make exercises   regenerate exercises/ and solutions/ from exercises/source/
 #
 # Variables (make VAR=value, or the environment):
@@ -44,7 +46,7 @@ ENV := . scripts/env.sh;
 # A timestamped banner for each phase (no commas or quotes in the text).
 phase = @echo "==> [$$(date '+%Y-%m-%d %H:%M:%S')] $(1)"
 
-.PHONY: help setup setup-book setup-test book book-build test test-unit test-notebooks test-exercises exercises test-site \
+.PHONY: help setup setup-book setup-test book book-build test test-unit test-notebooks test-families test-exercises exercises test-site \
         bench clean distclean
 
 help:
@@ -84,7 +86,7 @@ book-build:
 # Tests. Every pytest run here fails the target on any non-zero exit, 5 (no tests collected)
 # included: never wrap these in `|| true` or turn exit 5 into success.
 # ---------------------------------------------------------------------------------------------
-test: setup-test test-unit book-build test-notebooks test-exercises test-site
+test: setup-test test-unit book-build test-notebooks test-families test-exercises test-site
 	$(call phase,make test: all phases passed)
 
 test-unit:
@@ -106,6 +108,12 @@ test-notebooks:
 	$(call phase,reproducibility: chapter 3 re-executed from an empty results cache)
 	$(ENV) test -f $(COLD_CHAPTER) || { echo "missing $(COLD_CHAPTER)"; exit 1; }; \
 	  cold=$$(mktemp -d); trap 'rm -rf "$$cold"' EXIT; COURSE_LIB_RESULTS_CACHE=$$cold $(NBVAL) $(COLD_CHAPTER)
+
+# Every chapter on a tiny random model of each family: a student's switch of MODEL to bert-base-cased,
+# facebook/bart-base or a causal LM is a tested path (scripts/test_families.sh).
+test-families:
+	$(call phase,families: every chapter on tiny-bert / tiny-bart / tiny-gpt2 at budget $(BOOK_BUDGET))
+	$(ENV) BOOK_BUDGET='$(BOOK_BUDGET)' HF_HUB_OFFLINE='$(HF_HUB_OFFLINE)' bash scripts/test_families.sh
 
 # After the book build, so that the experiments the exercises share with the chapters are cached.
 test-exercises:
