@@ -38,6 +38,10 @@ class DataMissing(DataError):
     """The data folder or one of its files is not there: a problem of this machine, not of the request."""
 
 
+class DataFileError(DataError):
+    """A data file whose contents are wrong (malformed, not UTF-8, empty): a problem of the data, not of the request."""
+
+
 @dataclass(frozen=True)
 class Fact:
     subject: str
@@ -218,7 +222,7 @@ def relations(dataset: str) -> list[str]:
     check_dataset(dataset)
     ids = _listing(f"soft_prompts/db/{dataset}")
     if not ids:
-        raise DataError(f"no relations found for dataset {dataset!r} under {data_root()}")
+        raise DataMissing(f"no relations found for dataset {dataset!r} under {data_root()}")
     return ids
 
 
@@ -247,9 +251,9 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}): {line[:80]!r}") from None
+            raise DataFileError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}): {line[:80]!r}") from None
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            raise DataFileError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
         yield lineno, record
 
 
@@ -260,15 +264,15 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}, line {line})") from None
+        raise DataFileError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}, line {line})") from None
 
 
 def _string_field(record: dict[str, Any], key: str, path: Path, lineno: int) -> str:
     if key not in record:
-        raise DataError(f"{path}:{lineno}: missing key {key!r} (keys: {', '.join(map(str, record)) or 'none'})")
+        raise DataFileError(f"{path}:{lineno}: missing key {key!r} (keys: {', '.join(map(str, record)) or 'none'})")
     value = record[key]
     if not isinstance(value, str):
-        raise DataError(f"{path}:{lineno}: {key!r} must be a string, got {type(value).__name__}: {value!r}")
+        raise DataFileError(f"{path}:{lineno}: {key!r} must be a string, got {type(value).__name__}: {value!r}")
     return value
 
 
@@ -277,7 +281,7 @@ def read_facts(path: Path) -> list[Fact]:
         Fact(_string_field(r, "sub", path, n), _string_field(r, "obj", path, n)) for n, r in read_jsonl(path)
     ]
     if not facts:
-        raise DataError(f"{path}: no facts in this split (the file is empty)")
+        raise DataFileError(f"{path}: no facts in this split (the file is empty)")
     return facts
 
 
@@ -327,15 +331,15 @@ def read_templates(path: Path) -> list[Template]:
         # weight is a probability (LPAQA's ensembles take its log): a negative one is an error in
         # the file, not something to clamp.
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight)):
-            raise DataError(f"{path}:{n}: 'weight' must be a finite number, got {weight!r}")
+            raise DataFileError(f"{path}:{n}: 'weight' must be a finite number, got {weight!r}")
         if weight is not None and weight < 0:
-            raise DataError(f"{path}:{n}: 'weight' must not be negative (it is a probability), got {weight!r}")
+            raise DataFileError(f"{path}:{n}: 'weight' must not be negative (it is a probability), got {weight!r}")
         try:
             out.append(Template(text, None if weight is None else float(weight), f"{path}:{n}"))
         except TemplateError as err:
-            raise DataError(str(err)) from None
+            raise DataFileError(str(err)) from None
     if not out:
-        raise DataError(f"{path}: no templates in this file (it is empty)")
+        raise DataFileError(f"{path}: no templates in this file (it is empty)")
     return out
 
 

@@ -38,7 +38,7 @@ from .mixture import effective_prompts
 from .probing import answer_mask, best_template_on_dev, take
 from .results import ROW_KEY, counts_of, frame_of, identity_json, make_row, read_stored
 from .templates import Template
-from .training import NothingToTune, TuneConfig, resolved, tune
+from .training import CheckpointMismatch, NothingToTune, TuneConfig, resolved, tune
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +299,20 @@ def _compute_rung(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budget, 
         ckpt = None
         if checkpoint_dir is not None:
             ckpt = Path(checkpoint_dir) / lm.name / dataset / relation / f"{r.name}-{key}.safetensors"
-        return tune_and_score(lm, dataset, relation, templates, config, row_key, max_train=b.max_train,
-                              max_dev=b.max_dev, max_test=b.max_test, checkpoint=ckpt, progress=progress, budget=budget_name)
+        def tuned() -> dict[str, Any]:
+            return tune_and_score(lm, dataset, relation, templates, config, row_key, max_train=b.max_train,
+                                  max_dev=b.max_dev, max_test=b.max_test, checkpoint=ckpt, progress=progress, budget=budget_name)
+
+        try:
+            return tuned()
+        except CheckpointMismatch as err:
+            # The file name holds every setting (the cache key), so only the data can differ: the
+            # checkpoint is of a run on data that has changed since, and is of no use.
+            warnings.warn(f"{err}; its settings are those of this run, so its data has changed since: training starts "
+                          "over", RuntimeWarning, stacklevel=2)
+            assert ckpt is not None
+            ckpt.unlink(missing_ok=True)
+            return tuned()
     test = take(load_facts(dataset, relation, split), b.max_test)
     allowed = answer_mask(lm, answer_space, dataset, relation, templates)
     scored = score_facts(lm, templates, test, allowed=allowed, batch_size=b.batch_size * 2)

@@ -226,6 +226,11 @@ def _key(cells: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(cells.get(c, "") for c in ROW_KEY)
 
 
+def row_key(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``ROW_KEY`` cells of a row (in memory or read back) as they are written: what tells rows apart."""
+    return _key(_cells(row))
+
+
 def _csv_text(rows: list[dict[str, str]]) -> str:
     columns: list[str] = []
     for r in rows:
