@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -176,7 +177,15 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     meta = {**meta, "format": CHECKPOINT_FORMAT, "tensor_sha256": {k: tensor_sha256(v) for k, v in sorted(tensors.items())}}
     text = json.dumps(meta)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"meta": text, "meta_sha256": hashlib.sha256(text.encode()).hexdigest()})
+        try:
+            save_file(tensors, str(tmp), metadata={"meta": text, "meta_sha256": hashlib.sha256(text.encode()).hexdigest()})
+        except SafetensorError as err:
+            # safetensors reports a full disk or a read-only file system as its own error: made an
+            # OSError again, so that callers (and the command line) treat it as the environment problem it is.
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
