@@ -17,6 +17,7 @@ a row cut short, padded with NUL bytes or edited is recognised as damaged when r
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import io
 import json
@@ -298,6 +299,11 @@ def read_stored(path: str | os.PathLike, strict: bool = False) -> StoredTable:
     dup = sorted({c for c in header if header.count(c) > 1})
     if dup:
         raise TableError(f"{path}: column {', '.join(dup)} appears twice in the header")
+    if ROW_CHECKSUM not in header:
+        # A checksum column under a damaged name would turn a checked file into an unchecked one.
+        near = [c for c in header if difflib.SequenceMatcher(None, c, ROW_CHECKSUM).ratio() >= 0.75]
+        if near:
+            raise TableError(f"{path}: the header is damaged (column {near[0]!r} where {ROW_CHECKSUM} belongs)")
     table = StoredTable(path, [c for c in header if c != ROW_CHECKSUM], [], [])
     # Line numbers as an editor shows them (a quoted cell may span lines; this CSV writer never does that).
     cut = not text.endswith("\n")
