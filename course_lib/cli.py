@@ -83,7 +83,8 @@ def _learning_rate(text: str) -> float:
 def _list(text: str, what: str, example: str) -> list[str]:
     parts = [p.strip() for p in text.split(",")]
     if not any(parts):
-        raise argparse.ArgumentTypeError(f"expected one or more {what}, comma-separated (e.g. {example}); got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected one or more {what}, comma-separated (e.g. {example}); "
+                                         f"got {text!r}")
     if not all(parts):
         raise argparse.ArgumentTypeError(f"an empty item in {text!r} (a doubled comma, or one at an end?)")
     twice = sorted({p for p in parts if parts.count(p) > 1})
@@ -157,7 +158,9 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "(default" in text or "%(default)" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+        if "(default" in text or "%(default)" in text or not action.option_strings:
+            return text
+        if action.default is argparse.SUPPRESS:
             return text
         if action.nargs == 0:
             return f"{text} (default: {'on' if action.default else 'off'})"
@@ -186,8 +189,10 @@ def _common(p: argparse.ArgumentParser, several_spaces: bool) -> None:
     p.add_argument("--device", type=_device, help=f"cpu, cuda, cuda:N or mps (default: ${DEVICE_ENV} if set, else the "
                                                   "best available)")
     p.add_argument("--compile", action="store_true",
-                   help="run forward passes through torch.compile (ClozeLM.compile; measure first: bench/eval_throughput.py --compile)")
-    p.add_argument("--out", type=_path, help="CSV file to add the rows to (default: results/COMMAND-...-MODEL-DATASET.csv)")
+                   help="run forward passes through torch.compile (ClozeLM.compile; measure first: "
+                        "bench/eval_throughput.py --compile)")
+    p.add_argument("--out", type=_path,
+                   help="CSV file to add the rows to (default: results/COMMAND-...-MODEL-DATASET.csv)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, several_spaces=True)
     p.add_argument("--prompts", default="lama", choices=list(PROMPT_SETS), help="prompt set")
     p.add_argument("--method", default=HardMethod.HARD.value, choices=[m.value for m in HardMethod],
-                   help="hard: the set's first template; each: every template; best-dev: best on dev; ensemble-*: all, mixed")
+                   help="hard: the set's first template; each: every template; best-dev: best on dev; "
+                        "ensemble-*: all, mixed")
     p.add_argument("--split", default="test", choices=SPLITS, help="which facts to score")
     p.add_argument("--max-facts", type=_count, help="use only the first N facts of each relation (default: all)")
     p.add_argument("--batch-size", type=_count, default=SCORING_BATCH, help="facts per forward pass")
@@ -213,17 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(t, several_spaces=False)
     t.add_argument("--init", default="lama", choices=["lama", "random", "lpaqa-mine", "lpaqa-paraphrase"],
                    help="start from LAMA's template, random vectors in its shape, or LPAQA's templates")
-    t.add_argument("--mixture", default=1, type=_mixture, help="1 (one prompt), a number K, or K/all for every template of the set")
+    t.add_argument("--mixture", default=1, type=_mixture,
+                   help="1 (one prompt), a number K, or K/all for every template of the set")
     t.add_argument("--depth", default=0, type=_depth,
                    help="0: soft prompt at the input; all: every layer (deep perturbation); or a layer number")
     t.add_argument("--data-dependent", action="store_true", help="mixture weights that also depend on the subject")
     t.add_argument("--epochs", type=_count, default=10, help="most passes over the training facts")
     t.add_argument("--lr", type=_learning_rate,
-                   help=f"Adam's step size (default: {LR_PER_SPREAD} x the median spread of the model's embedding coordinates)")
+                   help=f"Adam's step size (default: {LR_PER_SPREAD} x the median spread of the model's embedding "
+                        "coordinates)")
     t.add_argument("--batch-size", type=_count, default=16, help="training facts per step")
     t.add_argument("--patience", type=_count, default=3, help="epochs without a better dev P@1 before stopping")
-    t.add_argument("--seed", type=_seed, default=0, help="seed of the random initialisation and of the order of the facts")
-    t.add_argument("--max-train", type=_count, help="use only the first N training facts of each relation (default: all)")
+    t.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the random initialisation and of the order of the facts")
+    t.add_argument("--max-train", type=_count,
+                   help="use only the first N training facts of each relation (default: all)")
     t.add_argument("--max-dev", type=_count, help="use only the first N dev facts of each relation (default: all)")
     t.add_argument("--max-test", type=_count, help="use only the first N test facts of each relation (default: all)")
     t.add_argument("--checkpoints", type=_path, default="runs",
@@ -232,11 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = _subparser(sub, "reproduce", "run the paper's method ladder and write one results table")
     _common(r, several_spaces=False)
     r.add_argument("--grid", default="paper", choices=["paper"], help="which ladder of methods")
-    r.add_argument("--budget", default="ci", choices=["ci", "laptop", "gpu"], help="ci: minutes on CPU; laptop; gpu: everything")
+    r.add_argument("--budget", default="ci", choices=["ci", "laptop", "gpu"],
+                   help="ci: minutes on CPU; laptop; gpu: everything")
     r.add_argument("--shard", default="0/1", type=_shard,
                    help="i/n: run every n-th job starting at i; auto: i/n from a Slurm array task or the rank of "
-                        "torchrun / accelerate launch. Each shard writes OUT with -shard{i}of{n} before the extension; "
-                        "`merge` combines them")
+                        "torchrun / accelerate launch. Each shard writes OUT with -shard{i}of{n} before the "
+                        "extension; `merge` combines them")
     r.add_argument("--checkpoints", type=_path, default="runs", help="folder for checkpoints of the tuned rungs")
 
     m = _subparser(sub, "merge", "merge shard tables of `reproduce` into one")
@@ -268,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         except KeyboardInterrupt:
             hint = _RERUN.get(args.command, "rerun the command to start again")
-            out, checkpoints = getattr(args, "resolved_out", None) or args.__dict__.get("out"), getattr(args, "checkpoints", "")
-            print(f"\ninterrupted; {hint.format(out=out, checkpoints=checkpoints)}", file=sys.stderr)
+            out = getattr(args, "resolved_out", None) or args.__dict__.get("out")
+            hint = hint.format(out=out, checkpoints=getattr(args, "checkpoints", ""))
+            print(f"\ninterrupted; {hint}", file=sys.stderr)
             return 130
         except Exception as err:  # noqa: BLE001 - every error ends in one line (and a traceback only with --debug)
             code, message = _classify(err)
@@ -283,12 +295,14 @@ def _classify(err: Exception) -> tuple[int, str]:
     """(exit code, message): 2 for what the command asked, 1 for what this machine lacks or holds damaged."""
     if isinstance(err, (CheckpointMismatch, UnusablePath, TableError)):
         return 2, str(err)
-    if isinstance(err, (DataMissing, DataFileError, DataNotFound, ChecksumMismatch, CheckpointError, EnvironmentProblem)):
+    if isinstance(err, (DataMissing, DataFileError, DataNotFound, ChecksumMismatch, CheckpointError,
+                        EnvironmentProblem)):
         return 1, str(err)
     if isinstance(err, OSError):
         return 1, describe_os_error(err)
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-        return 1, f"out of memory ({err}); use a smaller --batch-size, fewer templates, a smaller model or another device"
+        return 1, (f"out of memory ({err}); use a smaller --batch-size, fewer templates, a smaller model or another "
+                   "device")
     if isinstance(err, (DataError, TemplateError, ModelUnavailable, ValueError)):
         return 2, str(err)
     return 1, f"unexpected {type(err).__name__}: {err} (a bug? rerun with --debug for the traceback)"
@@ -357,7 +371,8 @@ def _run(args: argparse.Namespace) -> int:
         from .models import REGISTRY
 
         for name, s in REGISTRY.items():
-            print(f"{name:28s} {s.family.value:8s} {'offline (pip package)' if s.source == 'gguf-package' else 'needs the hub'}  {s.note}")
+            where = "offline (pip package)" if s.source == "gguf-package" else "needs the hub"
+            print(f"{name:28s} {s.family.value:8s} {where}  {s.note}")
         return 0
     if args.command == "bench":
         from .bench import run_all
@@ -396,8 +411,8 @@ def _run(args: argparse.Namespace) -> int:
         from .experiments import reproduce
 
         update_table(out, [])  # a shard with no jobs still leaves a (header-only) table for `merge`
-        rows = reproduce(lm, args.dataset, args.grid, args.budget, args.relations, _shard_of(args), args.answer_space[0],
-                         args.checkpoints, on_row=lambda row: _save(out, [row]))
+        rows = reproduce(lm, args.dataset, args.grid, args.budget, args.relations, _shard_of(args),
+                         args.answer_space[0], args.checkpoints, on_row=lambda row: _save(out, [row]))
         table = _rows_of(out, [row_key(r) for r in rows.to_dict("records")])
     _print_result(table, out)
     return 0
@@ -415,8 +430,8 @@ def _print_result(table: pd.DataFrame, out: Path) -> None:
         print(format_table(table))
         summary = summarize(table)
         print("\nSummary (micro = facts pooled; macro = mean over relations):")
-        cols = [c for c in ["method", "prompt_set", "answer_space", "relations", "kept", "dropped", "micro_p_at_1", "macro_p_at_1",
-                            "micro_p_at_10", "micro_mrr"] if c in summary.columns]
+        cols = [c for c in ["method", "prompt_set", "answer_space", "relations", "kept", "dropped", "micro_p_at_1",
+                            "macro_p_at_1", "micro_p_at_10", "micro_mrr"] if c in summary.columns]
         print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"\nwrote {out}")
 
@@ -433,10 +448,11 @@ def _probe(lm, args: argparse.Namespace, relations: list[str], out: Path) -> pd.
             print(f"{out}: {note}; not used, and dropped from the file", file=sys.stderr)
         if stored.damaged:
             update_table(out, [])  # rewritten without them, whatever this run does next
-        others = [r for r in stored.rows if not (_matches(r, here) and r["relation"] in relations and r["answer_space"] in args.answer_space)]
+        others = [r for r in stored.rows
+                  if not (_matches(r, here) and r["relation"] in relations and r["answer_space"] in args.answer_space)]
         if others:
-            print(f"{out}: {len(others)} row(s) of other runs (other relations, model, split, answer space or method) are "
-                  "left in the file and not part of this run's table")
+            print(f"{out}: {len(others)} row(s) of other runs (other relations, model, split, answer space or "
+                  "method) are left in the file and not part of this run's table")
     done: list[tuple[str, ...]] = []
     for rel in relations:
         if args.resume and stored is not None:
@@ -448,8 +464,8 @@ def _probe(lm, args: argparse.Namespace, relations: list[str], out: Path) -> pd.
                 continue
             if reason:
                 print(f"{rel}: {reason}; computing it again")
-        table = probe(lm, args.dataset, [rel], args.prompts, args.split, args.method, args.answer_space, args.batch_size,
-                      args.max_facts, progress=False)
+        table = probe(lm, args.dataset, [rel], args.prompts, args.split, args.method, args.answer_space,
+                      args.batch_size, args.max_facts, progress=False)
         # Written after every relation (under the file's lock), so an interrupted run loses at most one.
         _save(out, table.to_dict("records"))
         done += [row_key(r) for r in table.to_dict("records")]
@@ -469,7 +485,8 @@ def _rows_of(out: Path, keys: list[tuple[str, ...]]) -> pd.DataFrame:
     return frame_of(rows, stored.columns)
 
 
-def _why_not_reusable(stored, here: dict[str, str], settings: dict[str, Any], rel: str, spaces: Sequence[str]) -> str | None:
+def _why_not_reusable(stored, here: dict[str, str], settings: dict[str, Any], rel: str,
+                      spaces: Sequence[str]) -> str | None:
     """None if ``stored`` holds exactly this run's rows for ``rel``; else why not ("" if it holds none)."""
     from .data import changed_files
     from .results import describe_differences
@@ -489,7 +506,8 @@ def _why_not_reusable(stored, here: dict[str, str], settings: dict[str, Any], re
             expected = {**json.loads(json.dumps(settings)), "relation": rel, "answer_space": space}
             mine = {k: identity.get(k) for k in [*expected, *(k for k in identity if k not in ("data", "rows"))]}
             if mine != expected:
-                return f"{stored.path} holds it for other settings: {describe_differences(mine, expected, then='stored')}"
+                diff = describe_differences(mine, expected, then="stored")
+                return f"{stored.path} holds it for other settings: {diff}"
             if identity.get("rows") != len(found):
                 return f"{stored.path} holds {len(found)} of its {identity.get('rows')} rows"
             changed = changed_files(identity.get("data") or {})
@@ -522,8 +540,9 @@ def _tune(lm, args: argparse.Namespace, relations: list[str], out: Path) -> pd.D
     from .training import TuneConfig
 
     method, depth = _method_label(lm, args)
-    config = TuneConfig(init="random" if args.init == "random" else "template", depth=depth, lr=args.lr, epochs=args.epochs,
-                        batch_size=args.batch_size, patience=args.patience, seed=args.seed, data_dependent=args.data_dependent)
+    config = TuneConfig(init="random" if args.init == "random" else "template", depth=depth, lr=args.lr,
+                        epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
+                        data_dependent=args.data_dependent)
     prompt_set = "lama" if args.init in ("lama", "random") else args.init
     space = args.answer_space[0]
     # Every relation's templates first: a --mixture K that some relation cannot give is refused before any training.
@@ -532,20 +551,23 @@ def _tune(lm, args: argparse.Namespace, relations: list[str], out: Path) -> pd.D
         short = {rel: len(ts) for rel, ts in usable.items() if 0 < len(ts) < args.mixture}
         if short:
             counts = ", ".join(f"{n} for {rel}" for rel, n in short.items())
-            raise ValueError(f"--mixture {args.mixture}: prompt set {prompt_set} has fewer templates {lm.name} can answer "
-                             f"({counts}); ask for at most {min(short.values())}, or use --mixture K for all of them")
+            raise ValueError(f"--mixture {args.mixture}: prompt set {prompt_set} has fewer templates {lm.name} can "
+                             f"answer ({counts}); ask for at most {min(short.values())}, or use --mixture K for all "
+                             "of them")
     done = []
     for rel in relations:
         templates = usable[rel]
-        key = dict(model=lm.name, dataset=args.dataset, relation=rel, prompt_set=prompt_set, method=method, split="test",
-                   answer_space=space)
-        ckpt = Path(args.checkpoints) / lm.name.replace("/", "_") / args.dataset / rel / f"{method}-seed{args.seed}.safetensors"
+        key = dict(model=lm.name, dataset=args.dataset, relation=rel, prompt_set=prompt_set, method=method,
+                   split="test", answer_space=space)
+        ckpt = (Path(args.checkpoints) / lm.name.replace("/", "_") / args.dataset / rel
+                / f"{method}-seed{args.seed}.safetensors")
         if not templates:
             # Reported like probe and reproduce report it: every test fact dropped, with the reason.
             test = take(load_facts(args.dataset, rel, "test"), args.max_test)
             empty = score_facts(lm, [], test)
             row = make_row(lm, key, counts_of(empty, len(test)), empty.metrics(), seed=args.seed, templates="[]",
-                           note=f"no template of {prompt_set} that {lm.name} can answer (a causal LM needs [X] before [Y]): not tuned")
+                           note=f"no template of {prompt_set} that {lm.name} can answer (a causal LM needs [X] "
+                                "before [Y]): not tuned")
         else:
             if any(t.weight is not None for t in templates):
                 templates.sort(key=lambda t: -(t.weight or 0.0))
@@ -562,9 +584,10 @@ def _tune(lm, args: argparse.Namespace, relations: list[str], out: Path) -> pd.D
             print(f"{rel}: {row['note']}", file=sys.stderr)
         else:
             if row["resumed_from_epoch"] is not None:
-                print(f"{rel}: resumed from the checkpoint of epoch {row['resumed_from_epoch'] + 1} ({ckpt}; same model, "
-                      "data, caps, answer space and settings)")
-            print(f"{rel}: best dev P@1 {row['best_dev_p_at_1']:.3f} at epoch {row['best_epoch'] + 1}; checkpoint {ckpt}")
+                print(f"{rel}: resumed from the checkpoint of epoch {row['resumed_from_epoch'] + 1} ({ckpt}; same "
+                      "model, data, caps, answer space and settings)")
+            print(f"{rel}: best dev P@1 {row['best_dev_p_at_1']:.3f} at epoch {row['best_epoch'] + 1}; "
+                  f"checkpoint {ckpt}")
     return _rows_of(out, done)
 
 

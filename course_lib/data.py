@@ -39,7 +39,7 @@ class DataMissing(DataError):
 
 
 class DataFileError(DataError):
-    """A data file whose contents are wrong (malformed, not UTF-8, empty): a problem of the data, not of the request."""
+    """A data file whose contents are wrong (malformed, not UTF-8, empty): the data's problem, not the request's."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,8 @@ def data_root() -> Path:
 
 
 # ------------------------------------------------------------------------------------------ checksums of what was read
-_READS: contextvars.ContextVar[tuple[dict[str, str], ...]] = contextvars.ContextVar("course_lib_data_reads", default=())
+_READS: contextvars.ContextVar[tuple[dict[str, str], ...]] = contextvars.ContextVar("course_lib_data_reads",
+                                                                                   default=())
 # sha256 per file, remembered while the file's size, modification time and inode stay the same:
 # the facts files are opened again and again within one run, and hashing each time would add up.
 _SHA256: dict[str, tuple[tuple[int, int, int, int], str]] = {}
@@ -150,7 +151,8 @@ def data_path(relpath: str) -> Path:
     path = root / relpath
     if os.environ.get(ENV_VAR):
         if not path.is_file():
-            raise DataMissing(f"{path} does not exist ({ENV_VAR}={os.environ[ENV_VAR]!r}); is that folder a full copy of shared/data?")
+            raise DataMissing(f"{path} does not exist ({ENV_VAR}={os.environ[ENV_VAR]!r}); is that folder a full copy "
+                              "of shared/data?")
         sha = file_sha256(path) if _READS.get() else ""
     else:
         path, sha = _verified_download(relpath, root)
@@ -185,7 +187,9 @@ def _registry_sha(relpath: str) -> str:
 def _is_relation_folder(folder: Path) -> bool:
     # A relation is a folder holding its splits; anything else in a dataset folder (.DS_Store,
     # README.txt, an editor's backup, an empty folder) is not one.
-    return folder.is_dir() and not folder.name.startswith(".") and any((folder / f"{s}.jsonl").is_file() for s in SPLITS)
+    if not folder.is_dir() or folder.name.startswith("."):
+        return False
+    return any((folder / f"{s}.jsonl").is_file() for s in SPLITS)
 
 
 def _listing(relprefix: str) -> list[str]:
@@ -196,7 +200,9 @@ def _listing(relprefix: str) -> list[str]:
     from .download import load_registry
 
     prefix = relprefix.rstrip("/") + "/"
-    return sorted({k[len(prefix):].split("/")[0] for k in load_registry() if k.startswith(prefix) and k.count("/") > prefix.count("/")})
+    # Only entries with a file below the relation's folder: a file directly in the dataset folder is no relation.
+    return sorted({k[len(prefix):].split("/")[0] for k in load_registry()
+                   if k.startswith(prefix) and k.count("/") > prefix.count("/")})
 
 
 def _unknown(kind: str, value: str, valid: list[str] | tuple[str, ...], where: str = "") -> DataError:
@@ -251,7 +257,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataFileError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}): {line[:80]!r}") from None
+            raise DataFileError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}): "
+                                f"{line[:80]!r}") from None
         if not isinstance(record, dict):
             raise DataFileError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
         yield lineno, record

@@ -124,9 +124,9 @@ CACHE_FORMAT = 2  # 2: entries hold identity, data checksums and their own check
 def _rung_identity(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budget, config: TuneConfig, answer_space: str,
                    split: str) -> dict[str, Any]:
     """Everything but the data that decides a rung's row."""
-    return {"model": lm.name, "model_revision": lm.revision, "dataset": dataset, "relation": relation, "rung": asdict(r),
-            "budget": asdict(b), "config": asdict(config), "answer_space": answer_space, "split": split,
-            "course_lib": __version__, "format": CACHE_FORMAT}
+    return {"model": lm.name, "model_revision": lm.revision, "dataset": dataset, "relation": relation,
+            "rung": asdict(r), "budget": asdict(b), "config": asdict(config), "answer_space": answer_space,
+            "split": split, "course_lib": __version__, "format": CACHE_FORMAT}
 
 
 def _cache_key(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budget, config: TuneConfig, answer_space: str,
@@ -154,16 +154,19 @@ def _read_cached(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
         entry = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not (isinstance(entry, dict) and entry.get("sha256") == _entry_checksum(entry) and isinstance(entry.get("row"), dict)
-            and isinstance(entry.get("data"), dict) and entry.get("identity") == json.loads(json.dumps(identity))):
+    if not (isinstance(entry, dict) and entry.get("sha256") == _entry_checksum(entry)):
+        return None
+    if not (isinstance(entry.get("row"), dict) and isinstance(entry.get("data"), dict)
+            and entry.get("identity") == json.loads(json.dumps(identity))):
         return None
     changed = changed_files(entry["data"])
     if changed:
         what = ", ".join(f"{rel} ({why})" for rel, why in changed.items())
-        warnings.warn(f"{identity['relation']} {identity['rung']['name']}: the cached result was computed from data that "
-                      f"has changed since ({what}); computing it again", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{identity['relation']} {identity['rung']['name']}: the cached result was computed from data "
+                      f"that has changed since ({what}); computing it again", RuntimeWarning, stacklevel=3)
         return None
-    log.info("%s %s: reused from the results cache (same model, data and settings)", identity["relation"], identity["rung"]["name"])
+    log.info("%s %s: reused from the results cache (same model, data and settings)", identity["relation"],
+             identity["rung"]["name"])
     return entry["row"]
 
 
@@ -200,7 +203,8 @@ def tune_and_score(
     with recording_reads() as reads:
         row = _tune_and_score(lm, dataset, relation, templates, config, row_key, caps, checkpoint, progress, extra)
     row["identity"] = identity_json({**row_key, "model_revision": lm.revision, **caps, "config": asdict(config),
-                                     "templates": [t.text for t in templates], "course_lib": __version__, "data": reads})
+                                     "templates": [t.text for t in templates], "course_lib": __version__,
+                                     "data": reads})
     return row
 
 
@@ -301,7 +305,8 @@ def _compute_rung(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budget, 
             ckpt = Path(checkpoint_dir) / lm.name / dataset / relation / f"{r.name}-{key}.safetensors"
         def tuned() -> dict[str, Any]:
             return tune_and_score(lm, dataset, relation, templates, config, row_key, max_train=b.max_train,
-                                  max_dev=b.max_dev, max_test=b.max_test, checkpoint=ckpt, progress=progress, budget=budget_name)
+                                  max_dev=b.max_dev, max_test=b.max_test, checkpoint=ckpt, progress=progress,
+                                  budget=budget_name)
 
         try:
             return tuned()

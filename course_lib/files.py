@@ -67,7 +67,9 @@ def _remove_orphans(path: Path) -> None:
         return
     for tmp in siblings:
         m = _TMP.match(tmp.name)
-        if m and m["name"] == path.name and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+        if not (m and m["name"] == path.name and m["host"] == _HOST) or int(m["pid"]) == os.getpid():
+            continue
+        if not _alive(int(m["pid"])):
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
@@ -199,7 +201,8 @@ def _check_folder_writable(folder: Path, what: str) -> None:
             os.close(fd)
             os.unlink(name)
     except OSError as err:
-        raise UnwritablePath(err.errno, f"{what} {folder}: cannot write there: {describe_os_error(err, with_path=False)}") from None
+        why = describe_os_error(err, with_path=False)
+        raise UnwritablePath(err.errno, f"{what} {folder}: cannot write there: {why}") from None
 
 
 def check_output_file(path: str | os.PathLike, what: str) -> Path:

@@ -89,7 +89,7 @@ DEVICE_ENV = "COURSE_LIB_DEVICE"
 
 
 def parse_device(text: str, source: str = "device") -> torch.device:
-    """``text`` as a torch device that exists here; ``DeviceUnavailable`` naming ``source`` (e.g. ``COURSE_LIB_DEVICE``) otherwise."""
+    """``text`` as a torch device that exists here; else ``DeviceUnavailable`` naming ``source`` (its origin)."""
     given = f"{source}={text!r}" if source else repr(text)
     try:
         device = torch.device(text.strip())

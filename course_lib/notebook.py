@@ -46,7 +46,9 @@ def _read_table_entry(path: Path) -> pd.DataFrame | None:
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
         csv, data = entry["csv"], entry["data"]
-        if not isinstance(csv, str) or not isinstance(data, dict) or entry["sha256"] != _sha256(csv + json.dumps(data, sort_keys=True)):
+        if not isinstance(csv, str) or not isinstance(data, dict):
+            return None
+        if entry["sha256"] != _sha256(csv + json.dumps(data, sort_keys=True)):
             return None
         if changed_files(data):
             return None

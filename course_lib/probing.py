@@ -93,8 +93,9 @@ def probe(
             rel_rows = _probe_relation(lm, dataset, rel, prompt_set, split, method, spaces, batch_size, max_facts)
         for row in rel_rows:
             same = sum(r["answer_space"] == row["answer_space"] for r in rel_rows)
-            row["identity"] = identity_json({**probe_identity(lm, dataset, prompt_set, split, method, batch_size, max_facts),
-                                             "relation": rel, "answer_space": row["answer_space"], "rows": same, "data": reads})
+            settings = probe_identity(lm, dataset, prompt_set, split, method, batch_size, max_facts)
+            row["identity"] = identity_json({**settings, "relation": rel, "answer_space": row["answer_space"],
+                                             "rows": same, "data": reads})
         rows += rel_rows
     return pd.DataFrame(rows)
 
@@ -102,8 +103,9 @@ def probe(
 def probe_identity(lm: ClozeLM, dataset: str, prompt_set: str, split: str, method: HardMethod | str, batch_size: int,
                    max_facts: int | None) -> dict[str, object]:
     """What decides a probe row besides its relation, answer space and data: the settings of the run."""
-    return {"model": lm.name, "model_revision": lm.revision, "dataset": dataset, "prompt_set": prompt_set, "split": split,
-            "method": HardMethod(method).value, "batch_size": batch_size, "max_facts": max_facts, "course_lib": __version__}
+    return {"model": lm.name, "model_revision": lm.revision, "dataset": dataset, "prompt_set": prompt_set,
+            "split": split, "method": HardMethod(method).value, "batch_size": batch_size, "max_facts": max_facts,
+            "course_lib": __version__}
 
 
 def _probe_relation(lm: ClozeLM, dataset: str, rel: str, prompt_set: str, split: str, method: HardMethod,
@@ -136,5 +138,6 @@ def _probe_relation(lm: ClozeLM, dataset: str, rel: str, prompt_set: str, split:
             # by the model, the data and this config alone.
             config = json.dumps({"prompt_set": prompt_set, "method": method.value, "batch_size": batch_size,
                                  "max_facts": max_facts, "answer_space": space.value}, sort_keys=True)
-            rows.append(make_row(lm, key, counts_of(s, len(facts)), s.metrics(), template=label, seed=None, config=config))
+            rows.append(make_row(lm, key, counts_of(s, len(facts)), s.metrics(), template=label, seed=None,
+                                 config=config))
     return rows

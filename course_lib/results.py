@@ -44,13 +44,13 @@ ROW_CHECKSUM = "row_sha256"
 # otherwise turn the whole column into floats).
 INTEGER_COLUMNS = ("facts", "kept", "dropped", "truncated", "seed", "best_epoch", "epochs_run", "resumed_from_epoch")
 # Text even when it looks like a number (a git commit "0123456", a relation "100").
-TEXT_COLUMNS = ("model", "dataset", "relation", "prompt_set", "method", "split", "answer_space", "template", "model_revision",
-                "device", "dropped_reasons", "config", "identity", "templates", "history", "weights", "note", "checkpoint",
-                "budget", "course_lib", "torch", "transformers", "python", "git_commit")
+TEXT_COLUMNS = ("model", "dataset", "relation", "prompt_set", "method", "split", "answer_space", "template",
+                "model_revision", "device", "dropped_reasons", "config", "identity", "templates", "history", "weights",
+                "note", "checkpoint", "budget", "course_lib", "torch", "transformers", "python", "git_commit")
 METRIC_COLUMNS = ("p_at_1", "p_at_10", "mrr")
 # The columns of a table with no rows (a shard that got no jobs): still a table `merge` accepts.
-EMPTY_TABLE_COLUMNS = [*KEY_COLUMNS, "model_revision", "device", "facts", "kept", "dropped", "dropped_reasons", "truncated",
-                       *METRIC_COLUMNS, "identity"]
+EMPTY_TABLE_COLUMNS = [*KEY_COLUMNS, "model_revision", "device", "facts", "kept", "dropped", "dropped_reasons",
+                       "truncated", *METRIC_COLUMNS, "identity"]
 
 
 class TableError(ValueError):
@@ -163,8 +163,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {value!r}")
 
 
-def describe_differences(old: Mapping[str, Any], new: Mapping[str, Any], then: str = "stored", now: str = "now") -> str:
-    """"max_facts (10 stored, 20 now), data": the fields in which ``old`` and ``new`` differ, with short values shown."""
+def describe_differences(old: Mapping[str, Any], new: Mapping[str, Any], then: str = "stored",
+                         now: str = "now") -> str:
+    """"max_facts (10 stored, 20 now), data": the fields in which ``old`` and ``new`` differ, short values shown."""
     parts = []
     for k in [*new, *(k for k in old if k not in new)]:
         a, b = old.get(k), new.get(k)
@@ -317,8 +318,8 @@ def read_stored(path: str | os.PathLike, strict: bool = False) -> StoredTable:
         table.sealed.append(bool(row.pop(ROW_CHECKSUM, "")))
         table.rows.append(row)
     if strict and table.damaged:
-        raise TableError(f"{path}: {len(table.damaged)} damaged row(s), e.g. {table.damaged[0]}; the file is cut short, "
-                         "damaged or was edited by hand (remove its row_sha256 column to accept edits)")
+        raise TableError(f"{path}: {len(table.damaged)} damaged row(s), e.g. {table.damaged[0]}; the file is cut "
+                         "short, damaged or was edited by hand (remove its row_sha256 column to accept edits)")
     return table
 
 

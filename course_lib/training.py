@@ -174,11 +174,13 @@ def tensor_sha256(t: torch.Tensor) -> str:
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write atomically (a kill during the write leaves the previous checkpoint intact), with checksums."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {**meta, "format": CHECKPOINT_FORMAT, "tensor_sha256": {k: tensor_sha256(v) for k, v in sorted(tensors.items())}}
+    sums = {k: tensor_sha256(v) for k, v in sorted(tensors.items())}
+    meta = {**meta, "format": CHECKPOINT_FORMAT, "tensor_sha256": sums}
     text = json.dumps(meta)
     with atomic_path(path) as tmp:
         try:
-            save_file(tensors, str(tmp), metadata={"meta": text, "meta_sha256": hashlib.sha256(text.encode()).hexdigest()})
+            save_file(tensors, str(tmp), metadata={"meta": text,
+                                                   "meta_sha256": hashlib.sha256(text.encode()).hexdigest()})
         except SafetensorError as err:
             # safetensors reports a full disk or a read-only file system as its own error: made an
             # OSError again, so that callers (and the command line) treat it as the environment problem it is.
@@ -213,8 +215,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
                               "file); delete it to start over")
     sums = meta.get("tensor_sha256")
     if not isinstance(sums, dict) or set(sums) != set(tensors):
-        raise CheckpointError(f"{path}: the tensors ({', '.join(sorted(tensors))}) are not the ones its metadata lists "
-                              f"({', '.join(sorted(sums or {}))}); delete it to start over")
+        raise CheckpointError(f"{path}: the tensors ({', '.join(sorted(tensors))}) are not the ones its metadata "
+                              f"lists ({', '.join(sorted(sums or {}))}); delete it to start over")
     bad = [k for k in sorted(tensors) if tensor_sha256(tensors[k]) != sums[k]]
     if bad:
         raise CheckpointError(f"{path}: tensor {', '.join(repr(k) for k in bad)} does not match the checksum stored "
@@ -291,8 +293,9 @@ def tune(
                       "cannot be verified; training starts over and replaces it", RuntimeWarning, stacklevel=2)
     elif path is not None and path.exists():
         if meta.get("identity") != identity:
-            raise CheckpointMismatch(f"{path} was written for another run ({_difference(meta.get('identity'), identity)}); "
-                                     "use another checkpoint path or delete it")
+            diff = _difference(meta.get("identity"), identity)
+            raise CheckpointMismatch(f"{path} was written for another run ({diff}); use another checkpoint path or "
+                                     "delete it")
         # A readable file with the right identity can still lack parts (a hand edit, an older writer):
         # refuse it by name rather than fail on a KeyError halfway through restoring.
         missing = [k for k in _CHECKPOINT_TENSORS if k not in tensors] + [k for k in _CHECKPOINT_FIELDS if k not in meta]

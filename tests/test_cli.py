@@ -168,7 +168,8 @@ LAMA_P103 = "soft_prompts/prompts/trex/P103.jsonl"
         (CORRUPT_TUNE, "not a readable course_lib checkpoint", corrupt_checkpoint, 1),
         (["probe", "--model", "tiny-bert", "--relations", "P103"], f"checksum mismatch for {LAMA_P103}",
          download_from({LAMA_P103: b'{"template": "[X] speaks [Y] ."}\n'}), 1),
-        (["probe", "--model", "tiny-bert", "--relations", "P103"], f"could not download {LAMA_P103}", download_from({}), 1),
+        (["probe", "--model", "tiny-bert", "--relations", "P103"], f"could not download {LAMA_P103}",
+         download_from({}), 1),
     ] + [(argv, named, None, 2) for argv, named in [
         (["probe", "--model", "no-such-model"], "no-such-model"),
         (["tune", "--model", "no-such-model"], "no-such-model"),

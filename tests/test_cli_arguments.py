@@ -53,20 +53,23 @@ numbers = st.one_of(st.integers(-10, 10), st.integers(-2**70, 2**70), st.just(MA
 numberish = st.one_of(
     numbers,
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["", " ", "1_000", " 7", "7 ", "+3", "0x10", "1e3", "²", "٣", "00", "007", "all", "ALL", "K", "k",
-                     "auto", "0/1", "1/2", "2/2", "3/2", "-1/2", "1/0", "0/0", "a/b", "1/2/3", "/", "nan", "inf", "-0"]),
+    st.sampled_from(["", " ", "1_000", " 7", "7 ", "+3", "0x10", "1e3", "²", "٣", "00", "007", "all", "ALL", "K",
+                     "k", "auto", "0/1", "1/2", "2/2", "3/2", "-1/2", "1/0", "0/0", "a/b", "1/2/3", "/", "nan", "inf",
+                     "-0"]),
     st.text(max_size=6),
 )
 valid_relations = st.lists(st.sampled_from(["P103", "P36", "P19"]), min_size=1, max_size=3, unique=True).map(",".join)
-valid_spaces = st.lists(st.sampled_from(["full", "common", "relation"]), min_size=1, max_size=3, unique=True).map(",".join)
+valid_spaces = st.lists(st.sampled_from(["full", "common", "relation"]), min_size=1, max_size=3,
+                        unique=True).map(",".join)
 relation_lists = st.one_of(
     st.lists(st.sampled_from(["P103", "P36", "P19", "", " ", "P103 "]), max_size=4).map(",".join),
     st.text(alphabet=st.sampled_from("P1036, "), max_size=10),
 )
-space_lists = st.one_of(st.lists(st.sampled_from(["full", "common", "relation", "", "fulll", " full"]), max_size=4).map(",".join),
+space_lists = st.one_of(st.lists(st.sampled_from(["full", "common", "relation", "", "fulll", " full"]),
+                                 max_size=4).map(",".join),
                         st.text(max_size=8))
-devices = st.one_of(st.sampled_from(["cpu", "CPU", "cuda", "cuda:0", "cuda:99", "cuda:-1", "cuda:x", "mps", "meta", "xla",
-                                     "", " cpu", "cpu:0", "cpu:1", "banana"]), st.text(max_size=6))
+devices = st.one_of(st.sampled_from(["cpu", "CPU", "cuda", "cuda:0", "cuda:99", "cuda:-1", "cuda:x", "mps", "meta",
+                                     "xla", "", " cpu", "cpu:0", "cpu:1", "banana"]), st.text(max_size=6))
 
 
 def real_argv(value: str) -> bool:
@@ -227,8 +230,10 @@ def results_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @RUNS
 @given(st.one_of(st.tuples(valid_relations, st.integers(1, 3).map(str), valid_spaces),  # runs
-                 st.tuples(st.one_of(valid_relations, relation_lists), numberish, st.one_of(valid_spaces, space_lists))))
-def test_any_probe_command_runs_or_is_refused_in_one_line(capsys, tmp_path_factory, args: tuple[str, str, str]) -> None:
+                 st.tuples(st.one_of(valid_relations, relation_lists), numberish,
+                           st.one_of(valid_spaces, space_lists))))
+def test_any_probe_command_runs_or_is_refused_in_one_line(capsys, tmp_path_factory,
+                                                          args: tuple[str, str, str]) -> None:
     relations, cap, spaces = args
     assume(all(real_argv(v) for v in (relations, cap, spaces)))
     # Small runs only: valid caps above 3 would only make the test slow.
@@ -259,7 +264,8 @@ def good_table(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     old = os.environ.get("COURSE_LIB_RESULTS_CACHE")
     os.environ["COURSE_LIB_RESULTS_CACHE"] = str(folder / "cache")
     try:
-        assert main(["probe", "--model", "tiny-bert", "--relations", "P103,P36", "--max-facts", "4", "--out", str(path)]) == 0
+        assert main(["probe", "--model", "tiny-bert", "--relations", "P103,P36", "--max-facts", "4",
+                     "--out", str(path)]) == 0
     finally:
         if old is None:
             del os.environ["COURSE_LIB_RESULTS_CACHE"]
@@ -304,7 +310,8 @@ def cells_of(raw: bytes) -> list[dict[str, str]]:
 
 @RUNS
 @given(data=st.data())
-def test_merge_keeps_only_rows_exactly_as_written_or_names_the_bad_file(capsys, tmp_path_factory, good_table, data) -> None:
+def test_merge_keeps_only_rows_exactly_as_written_or_names_the_bad_file(capsys, tmp_path_factory, good_table,
+                                                                        data) -> None:
     good_path, good = good_table
     raw = data.draw(damaged(good))
     folder = tmp_path_factory.mktemp("merge")
@@ -333,8 +340,8 @@ def test_resume_never_keeps_a_damaged_row(capsys, tmp_path_factory, good_table, 
     folder = tmp_path_factory.mktemp("resume")
     out = folder / "o.csv"
     out.write_bytes(raw)
-    code, stdout, err = call(["probe", "--model", "tiny-bert", "--relations", "P103,P36", "--max-facts", "4", "--resume",
-                              "--out", out], capsys)
+    code, stdout, err = call(["probe", "--model", "tiny-bert", "--relations", "P103,P36", "--max-facts", "4",
+                              "--resume", "--out", out], capsys)
     event(f"resume exit {code}, {'computed again' if 'done' in stdout else 'all kept'}")
     assert "Traceback" not in err
     assert code in (0, 2), err
@@ -355,10 +362,12 @@ def all_options() -> list[tuple[str, argparse.Action]]:
     found = [("", a) for a in parser._actions]
     for name, p in sub.choices.items():
         found += [(name, a) for a in p._actions]
-    return [(n, a) for n, a in found if a.option_strings and not isinstance(a, (argparse._HelpAction, argparse._VersionAction))]
+    builtin = (argparse._HelpAction, argparse._VersionAction)
+    return [(n, a) for n, a in found if a.option_strings and not isinstance(a, builtin)]
 
 
-@pytest.mark.parametrize("command, action", all_options(), ids=lambda x: x if isinstance(x, str) else x.option_strings[-1])
+@pytest.mark.parametrize("command, action", all_options(),
+                         ids=lambda x: x if isinstance(x, str) else x.option_strings[-1])
 def test_help_shows_the_default_of_every_option(command: str, action: argparse.Action) -> None:
     text = cli._HelpWithDefaults("prog")._get_help_string(action)
     if action.required:

@@ -207,7 +207,8 @@ def test_corrupted_destination_is_removed_when_no_good_copy(monkeypatch, mirror,
     target = dest / REL
     target.parent.mkdir(parents=True)
     target.write_bytes(b"garbage")
-    with pytest.raises(ChecksumMismatch), pytest.warns(RuntimeWarning, match="does not match its sha256 in data_registry.json"):
+    with pytest.raises(ChecksumMismatch), \
+            pytest.warns(RuntimeWarning, match="does not match its sha256 in data_registry.json"):
         fetch_file(REL, dest, progress=False)
     assert files_under(dest) == []
 

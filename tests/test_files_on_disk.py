@@ -99,7 +99,8 @@ def test_processes_adding_rows_to_one_table_at_once_lose_none(tmp_path: Path) ->
         p.join(timeout=300)
         assert p.exitcode == 0
     stored = results.read_stored(path, strict=True)
-    assert sorted(r["relation"] for r in stored.rows) == sorted(f"R{w}-{i}" for w in range(writers) for i in range(each))
+    expected = sorted(f"R{w}-{i}" for w in range(writers) for i in range(each))
+    assert sorted(r["relation"] for r in stored.rows) == expected
     assert leftovers(tmp_path) == []
 
 
@@ -132,7 +133,8 @@ def mount_tmpfs(where: Path, size: str = "512k") -> Path:
     if os.name != "posix" or os.geteuid() != 0:
         pytest.skip(f"mounting a tmpfs needs root; this test runs as uid {os.getuid() if os.name == 'posix' else '?'}")
     where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         pytest.skip(f"this machine does not let the tests mount a tmpfs: {done.stderr.strip()}")
     return where
@@ -206,14 +208,16 @@ def test_a_checkpoint_on_a_full_disk_is_an_os_error_naming_it(small_disk: Path) 
 @pytest.mark.parametrize("command", ["probe", "tune", "reproduce"])
 def test_an_output_on_a_full_disk_is_refused_before_any_work(command: str, small_disk: Path, capsys, no_model) -> None:
     fill(small_disk)
-    code, _, err = call([command, "--model", "tiny-gpt2", "--relations", "P103", "--out", small_disk / "o.csv"], capsys)
+    code, _, err = call([command, "--model", "tiny-gpt2", "--relations", "P103", "--out", small_disk / "o.csv"],
+                        capsys)
     assert code == 1
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"--out {small_disk}: cannot write there: No space left on device" in err
     assert leftovers(small_disk) == [] and not (small_disk / "o.csv").exists()
 
 
-def test_a_disk_that_fills_during_tune_ends_it_with_one_line(small_disk: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_a_disk_that_fills_during_tune_ends_it_with_one_line(small_disk: Path, tmp_path: Path, capsys,
+                                                             monkeypatch) -> None:
     from course_lib import experiments
 
     real = experiments.tune_and_score
@@ -224,8 +228,8 @@ def test_a_disk_that_fills_during_tune_ends_it_with_one_line(small_disk: Path, t
 
     monkeypatch.setattr(experiments, "tune_and_score", fill_then_tune)
     code, _, err = call(["tune", "--model", "tiny-gpt2", "--relations", "P103", "--epochs", 1, "--max-train", 8,
-                         "--max-dev", 4, "--max-test", 4, "--checkpoints", small_disk / "runs", "--out", tmp_path / "t.csv"],
-                        capsys)
+                         "--max-dev", 4, "--max-test", 4, "--checkpoints", small_disk / "runs",
+                         "--out", tmp_path / "t.csv"], capsys)
     assert code == 1
     assert "Traceback" not in err and "SafetensorError" not in err
     assert f"error: {small_disk / 'runs'}" in err and "No space left on device" in err, err
@@ -234,8 +238,8 @@ def test_a_disk_that_fills_during_tune_ends_it_with_one_line(small_disk: Path, t
 
 @pytest.mark.parametrize("command, option", [("probe", "--out"), ("tune", "--out"), ("tune", "--checkpoints"),
                                              ("reproduce", "--checkpoints"), ("merge", "--out")])
-def test_an_output_on_a_read_only_file_system_is_refused_before_any_work(command: str, option: str, read_only, tmp_path: Path,
-                                                                        capsys, no_model) -> None:
+def test_an_output_on_a_read_only_file_system_is_refused_before_any_work(command: str, option: str, read_only,
+                                                                        tmp_path: Path, capsys, no_model) -> None:
     folder, reason = read_only
     argv = [command] if command == "merge" else [command, "--model", "tiny-gpt2", "--relations", "P103"]
     if command == "merge":

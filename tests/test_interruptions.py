@@ -158,8 +158,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(killed_runs, uninterru
     leftovers = [p.name for p in ckpt.parent.iterdir() if p != ckpt]
     if scenario == "kill-during-write":
         # The half-written second one, under a name no other writer uses (files.atomic_path).
-        assert killed_at == 0 and len(leftovers) == 1 and re.fullmatch(rf"\.{re.escape(ckpt.name)}\.[\w-]+\.\d+\.[0-9a-f]{{8}}\.tmp",
-                                                                        leftovers[0]), leftovers
+        private = rf"\.{re.escape(ckpt.name)}\.[\w-]+\.\d+\.[0-9a-f]{{8}}\.tmp"
+        assert killed_at == 0 and len(leftovers) == 1 and re.fullmatch(private, leftovers[0]), leftovers
     full, full_path = uninterrupted
     resumed = run(ckpt)
     assert resumed.resumed_from == killed_at
@@ -234,7 +234,8 @@ def test_the_results_cache_never_reads_a_half_written_entry(cache: Path) -> None
     # An entry edited without its checksum, an empty one, a bare row (the old format), a cut one:
     # none is read; each is recomputed and rewritten whole.
     edited = json.dumps({**stored, "row": {**stored["row"], "p_at_1": 0.123}})
-    for partial in ("", good[: len(good) // 2], good[:-1], "\x00" * 40, "{}", json.dumps(first, default=float), edited):
+    bare_row = json.dumps(first, default=float)
+    for partial in ("", good[: len(good) // 2], good[:-1], "\x00" * 40, "{}", bare_row, edited):
         entry.write_text(partial)
         again = rung()
         assert same(again, first), repr(partial[:20])
