@@ -39,7 +39,8 @@ from .evaluation import SCORING_BATCH, AnswerSpace
 from .files import UnusablePath, check_output_dir, check_output_file, describe_os_error
 from .models import DEFAULT_MODEL, DEVICE_ENV, DeviceUnavailable, ModelUnavailable, parse_device
 from .probing import HardMethod
-from .results import TableError, format_table, frame_of, read_stored, row_key, summarize, update_table, write_table
+from .results import (TableError, format_table, frame_of, holds_a_table, read_stored, row_key, summarize, update_table,
+                      write_table)
 from .templates import TemplateError
 from .training import LR_PER_SPREAD, MAX_SEED, CheckpointError, CheckpointMismatch
 
@@ -361,7 +362,7 @@ def _output(args: argparse.Namespace) -> Path:
     else:
         out = Path(args.out)
     check_output_file(out, "--out")
-    if args.command != "merge" and out.exists():
+    if args.command != "merge" and holds_a_table(out):
         read_stored(out)  # an existing --out must be a results table: never overwrite someone's other file
     return out
 
@@ -442,7 +443,7 @@ def _probe(lm, args: argparse.Namespace, relations: list[str], out: Path) -> pd.
 
     settings = probe_identity(lm, args.dataset, args.prompts, args.split, args.method, args.batch_size, args.max_facts)
     here = dict(model=lm.name, dataset=args.dataset, prompt_set=args.prompts, method=args.method, split=args.split)
-    stored = read_stored(out) if out.exists() else None
+    stored = read_stored(out) if holds_a_table(out) else None
     if stored is not None:
         for note in stored.damaged:
             print(f"{out}: {note}; not used, and dropped from the file", file=sys.stderr)

@@ -145,7 +145,7 @@ def update_table(path: str | os.PathLike, rows: pd.DataFrame | Sequence[Mapping[
     path = Path(path)
     new = [_cells(r) for r in _records(rows)]
     with locked(path):
-        stored = read_stored(path) if path.exists() else StoredTable(path, [], [], [])
+        stored = read_stored(path) if holds_a_table(path) else StoredTable(path, [], [], [])
         keys = {_key(r) for r in new}
         write_text(path, _csv_text([r for r in stored.rows if _key(r) not in keys] + new))
     return stored.damaged
@@ -261,6 +261,12 @@ class StoredTable:
 
     def frame(self) -> pd.DataFrame:
         return frame_of(self.rows, self.columns)
+
+
+def holds_a_table(path: str | os.PathLike) -> bool:
+    """Whether ``path`` has anything to read back: a missing or empty (e.g. just created) output is a fresh one."""
+    path = Path(path)
+    return path.exists() and not (path.is_file() and path.stat().st_size == 0)
 
 
 def read_stored(path: str | os.PathLike, strict: bool = False) -> StoredTable:

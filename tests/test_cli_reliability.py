@@ -503,6 +503,15 @@ def test_case_9_an_existing_file_that_is_not_a_results_table_is_not_overwritten(
     assert notes.read_text() == "my,own\nnotes,here\n"
 
 
+def test_case_9_an_empty_out_file_is_a_fresh_table(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "o.csv"
+    out.touch()  # e.g. made by `touch` or a job script before the run
+    code, _, err = call(["probe", "--model", "tiny-bert", "--relations", "P103", "--max-facts", 2, "--out", out,
+                         "--resume"], capsys)
+    assert code == 0, err
+    assert list(rows(out)["relation"]) == ["P103"]
+
+
 # ---------------------------------------------------------------------------------------- 10. devices
 def missing_cuda() -> str:
     return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
