@@ -107,6 +107,13 @@ def _spaces(text: str) -> list[str]:
     return parts
 
 
+def _one_space(text: str) -> list[str]:
+    spaces = _spaces(text)
+    if len(spaces) > 1:
+        raise argparse.ArgumentTypeError(f"this command takes one answer space; got {text!r}")
+    return spaces
+
+
 def _mixture(text: str) -> int | str:
     if text.lower() in ("k", "all"):
         return "K"
@@ -183,7 +190,7 @@ def _common(p: argparse.ArgumentParser, several_spaces: bool) -> None:
     p.add_argument("--dataset", default="trex_original", choices=DATASETS, help="which facts")
     p.add_argument("--relations", type=_relations, help="comma-separated relation ids, e.g. P36,P19 (default: every "
                                                         "relation of the dataset)")
-    p.add_argument("--answer-space", default=["full"], type=_spaces, metavar="SPACE",
+    p.add_argument("--answer-space", default=["full"], type=_spaces if several_spaces else _one_space, metavar="SPACE",
                    help="full (the model's vocabulary), common (LAMA's common vocabulary) or relation (the relation's "
                         "objects)" + ("; several, comma-separated, are scored in one pass" if several_spaces else "")
                         + " (default: full)")
@@ -387,8 +394,6 @@ def _run(args: argparse.Namespace) -> int:
         table = merge_tables(args.tables)
         _print_result(table, write_table(table, out))
         return 0
-    if args.command in ("tune", "reproduce") and len(args.answer_space) > 1:
-        raise UnusablePath(f"--answer-space: {args.command} takes one answer space, got {','.join(args.answer_space)}")
     if getattr(args, "checkpoints", None):
         check_output_dir(args.checkpoints, "--checkpoints")
     if not args.device and os.environ.get(DEVICE_ENV):

@@ -304,6 +304,8 @@ def test_case_5_a_flipped_bit_in_a_checkpoint_tensor_is_refused_by_name(tmp_path
     (["reproduce", "--relations", "P36,P103,P36"], "--relations"),
     (["probe", "--answer-space", "full,full"], "--answer-space"),
     (["probe", "--answer-space", "full,"], "--answer-space"),
+    (["tune", "--answer-space", "full,common"], "--answer-space"),
+    (["reproduce", "--answer-space", "common,full"], "--answer-space"),
     (["tune", "--depth", "-1"], "--depth"),
     (["tune", "--lr", "-0.1"], "--lr"),
     (["tune", "--lr", "nan"], "--lr"),
