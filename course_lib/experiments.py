@@ -8,8 +8,8 @@ cached on disk keyed by everything that decides them, so re-executing a chapter 
 A cache entry holds the row, the row's identity (model and revision, rung, budget, training
 settings, answer space, split, library version), the sha256 of every data file the row was
 computed from, and a checksum of all that. It is used only if the checksum holds, the identity is
-the one asked for and the data files are unchanged; otherwise the row is computed again, and a
-changed data file is reported (``logging``, and a warning) rather than passed over.
+the one asked for and the data files are unchanged; otherwise the row is computed again. A reuse
+is logged (the command line prints it); a changed data file is warned about, never passed over.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .cloze import ClozeLM
 from . import __version__
+from .cloze import ClozeLM
 from .data import DataError, cache_dir, changed_files, check_relations, load_facts, load_prompts, recording_reads
 from .evaluation import score_facts
 from .files import write_text
