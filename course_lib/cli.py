@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             code, message = _classify(err)
             if debug:
                 traceback.print_exc()
-            print(f"error: {message}", file=sys.stderr)
+            # One line, whatever the message quotes (a damaged file's header may hold line ends).
+            print("error: " + message.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
             return code
 
 

@@ -301,16 +301,17 @@ def read_stored(path: str | os.PathLike, strict: bool = False) -> StoredTable:
     header = lines[0] if lines else []
     missing = [c for c in KEY_COLUMNS if c not in header]
     if missing:
+        found = ", ".join(_shown(c) for c in header[:8]) or "none"
         raise TableError(f"{path}: not a course_lib results table (no column {', '.join(missing)}; found "
-                         f"{', '.join(header[:8]) or 'none'}{', ...' if len(header) > 8 else ''})")
+                         f"{found}{', ...' if len(header) > 8 else ''})")
     dup = sorted({c for c in header if header.count(c) > 1})
     if dup:
-        raise TableError(f"{path}: column {', '.join(dup)} appears twice in the header")
+        raise TableError(f"{path}: column {', '.join(_shown(c) for c in dup)} appears twice in the header")
     if ROW_CHECKSUM not in header:
         # A checksum column under a damaged name would turn a checked file into an unchecked one.
         near = [c for c in header if difflib.SequenceMatcher(None, c, ROW_CHECKSUM).ratio() >= 0.75]
         if near:
-            raise TableError(f"{path}: the header is damaged (column {near[0]!r} where {ROW_CHECKSUM} belongs)")
+            raise TableError(f"{path}: the header is damaged (column {_shown(near[0])} where {ROW_CHECKSUM} belongs)")
     table = StoredTable(path, [c for c in header if c != ROW_CHECKSUM], [], [])
     # Line numbers as an editor shows them (a quoted cell may span lines; this CSV writer never does that).
     cut = not text.endswith("\n")
@@ -327,6 +328,12 @@ def read_stored(path: str | os.PathLike, strict: bool = False) -> StoredTable:
         raise TableError(f"{path}: {len(table.damaged)} damaged row(s), e.g. {table.damaged[0]}; the file is cut "
                          "short, damaged or was edited by hand (remove its row_sha256 column to accept edits)")
     return table
+
+
+def _shown(name: str, limit: int = 40) -> str:
+    """A column name as an error message can show it: on one line, not too long (a damaged header holds anything)."""
+    text = name if name.isprintable() else repr(name)[1:-1]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _damage(header: list[str], cells: list[str], last_and_cut: bool) -> str | None:
