@@ -407,15 +407,31 @@ def test_case_6_a_results_cache_entry_that_is_not_one_is_recomputed(tmp_path: Pa
 
 
 # ---------------------------------------------------------------------------------------- 7. concurrent writers
+# Each child does its imports and loads the model first, then waits for the other: their probing
+# overlaps for sure, as two runs started together on a cluster would.
+CHILD = """
+import pathlib, sys, time
+from course_lib.cli import main
+from course_lib.models import load_model
+load_model("tiny-bert")
+barrier = pathlib.Path(sys.argv[1])
+(barrier / sys.argv[2]).touch()
+while len(list(barrier.iterdir())) < 2:
+    time.sleep(0.01)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 def test_case_7_two_processes_resuming_into_one_file_lose_no_row(tmp_path: Path) -> None:
     relations = ["P103", "P36", "P19", "P20", "P27", "P30", "P31", "P37", "P39", "P101"]
-    out = tmp_path / "o.csv"
+    out, barrier = tmp_path / "o.csv", tmp_path / "barrier"
+    barrier.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COURSE_LIB_RESULTS_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": os.pathsep.join([str(Path(data.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-m", "course_lib", "probe", "--model", "tiny-bert", "--max-facts", "6",
-                               "--relations", ",".join(part), "--resume", "--out", str(out)],
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(barrier), str(i), "probe", "--model", "tiny-bert",
+                               "--max-facts", "40", "--relations", ",".join(part), "--resume", "--out", str(out)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for part in (relations[:5], relations[5:])]
+             for i, part in enumerate((relations[:5], relations[5:]))]
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)
         assert p.returncode == 0, stderr[-2000:]
