@@ -160,14 +160,17 @@ CORRUPT_TUNE = TUNE + ["--checkpoints", "{tmp}/ckpts"]
 LAMA_P103 = "soft_prompts/prompts/trex/P103.jsonl"
 
 
+# Exit code 1: the machine holds damaged files or lacks data (the environment); 2: the command asked
+# for something that cannot be (usage).
 @pytest.mark.parametrize(
-    "argv, named, setup",
+    "argv, named, setup, code",
     [
-        (CORRUPT_TUNE, "not a readable course_lib checkpoint", corrupt_checkpoint),
+        (CORRUPT_TUNE, "not a readable course_lib checkpoint", corrupt_checkpoint, 1),
         (["probe", "--model", "tiny-bert", "--relations", "P103"], f"checksum mismatch for {LAMA_P103}",
-         download_from({LAMA_P103: b'{"template": "[X] speaks [Y] ."}\n'})),
-        (["probe", "--model", "tiny-bert", "--relations", "P103"], f"could not download {LAMA_P103}", download_from({})),
-    ] + [(argv, named, None) for argv, named in [
+         download_from({LAMA_P103: b'{"template": "[X] speaks [Y] ."}\n'}), 1),
+        (["probe", "--model", "tiny-bert", "--relations", "P103"], f"could not download {LAMA_P103}",
+         download_from({}), 1),
+    ] + [(argv, named, None, 2) for argv, named in [
         (["probe", "--model", "no-such-model"], "no-such-model"),
         (["tune", "--model", "no-such-model"], "no-such-model"),
         (["probe", "--model", "tiny-bert", "--relations", "P103,P999"], "P999"),
@@ -183,13 +186,13 @@ LAMA_P103 = "soft_prompts/prompts/trex/P103.jsonl"
         (["reproduce", "--model", "tiny-bert", "--relations", "P103", "--shard", "half"], "--shard"),
     ]],
 )
-def test_bad_arguments_exit_2_with_a_message_naming_them(argv: list[str], named: str, setup, tmp_path: Path, capsys,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_arguments_exit_2_with_a_message_naming_them(argv: list[str], named: str, setup, code: int, tmp_path: Path,
+                                                         capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     if setup is not None:
         setup(tmp_path, monkeypatch)
     out = tmp_path / "out.csv"
-    code, stdout, err = call([str(a).replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", out], capsys)
-    assert code == 2
+    exit_code, stdout, err = call([str(a).replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", out], capsys)
+    assert exit_code == code
     assert named in err, err
     assert "Traceback" not in err
     assert not out.exists()
