@@ -19,11 +19,11 @@ Two choices keep the paper's meaning on every family:
   leaves the read position unperturbed at every row, as ``[MASK]`` is; ``Read.TUNED`` tunes it like
   any other prompt token, for the ablation.
 * **Deep offsets in each layer's units.** The residual stream of a pre-norm decoder grows with
-  depth (about a thousandfold over Gemma's layers), so one step size for every row leaves the upper
-  offsets negligible. With ``row_scale`` (measured once, ``calibrate_row_scale``), row i's offset is
-  ``offsets[:, i] * row_scale[i]``, where ``row_scale[i]`` is the typical size of the prompt's hidden
-  states after layer i relative to its input vectors: every row then moves by the same relative
-  amount per step, and row 0 (the soft prompt) is unchanged.
+  depth (its typical coordinate about 300-fold over Gemma's layers), so one step size for every row
+  leaves the upper offsets negligible. With ``row_scale`` (measured once, ``calibrate_row_scale``),
+  row i's offset is ``offsets[:, i] * row_scale[i]``, where ``row_scale[i]`` is the typical size of a
+  coordinate of the prompt's hidden states after layer i relative to its input vectors: every row
+  then moves by the same relative amount per step, and row 0 (the soft prompt) is unchanged.
 """
 
 from __future__ import annotations
@@ -116,25 +116,25 @@ class SoftPrompt(nn.Module):
 
 
 @torch.no_grad()
-def prompt_hidden_rms(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str]) -> torch.Tensor:
-    """[rows] root-mean-square size of the prompt tokens' vectors at each row, over ``subjects`` x prompts.
+def prompt_hidden_scale(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str]) -> torch.Tensor:
+    """[rows] typical size of one coordinate of the prompt tokens' vectors at each row: the median |value|.
 
     Row 0: the input vectors (word embeddings as the model reads them); row i: the output of layer i
-    (``ClozeLM.row_modules``), at the positions whose offsets row i would perturb.
+    (``ClozeLM.row_modules``), at the positions whose offsets row i would perturb, over ``subjects`` x
+    prompts. The median, not the root mean square: a decoder's residual stream carries a few
+    "massive" coordinates (in Gemma-3-270M's last layer about 200 times the typical one), and a unit
+    set by them would make every step huge in all the other coordinates.
     """
     K = len(soft.prompts)
     batch = soft.batch(lm, [s for s in subjects for _ in range(K)], [k for _ in subjects for k in range(K)])
-    sums = torch.zeros(soft.perturbation.n_rows, dtype=torch.float64)
-    counts = torch.zeros(soft.perturbation.n_rows, dtype=torch.float64)
+    values: dict[int, list[torch.Tensor]] = {row: [] for row in range(soft.perturbation.n_rows)}
 
     def recorder(row: int, stream: Stream):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
             mask = (batch.slots(stream) >= 0).to(hidden.device)
             if hidden.shape[:2] == mask.shape:  # skip passes over other shapes (e.g. a cached prefix)
-                picked = hidden[mask].double()
-                sums[row] += float((picked * picked).mean(-1).sum())
-                counts[row] += picked.shape[0]
+                values[row].append(hidden[mask].detach().float().abs().flatten().cpu())
         return hook
 
     handles = [module.register_forward_hook(recorder(row, stream))
@@ -146,13 +146,13 @@ def prompt_hidden_rms(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str]) ->
         lm.reuse_prefix = saved
         for h in handles:
             h.remove()
-    return (sums / counts.clamp_min(1)).sqrt().float()
+    return torch.stack([torch.cat(values[row]).median() for row in range(soft.perturbation.n_rows)])
 
 
 def calibrate_row_scale(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str]) -> torch.Tensor:
-    """Set and return ``row_scale``: each row's prompt RMS relative to row 0's (see the module docstring)."""
-    rms = prompt_hidden_rms(lm, soft, subjects)
-    scale = rms / rms[0].clamp_min(1e-12)
+    """Set and return ``row_scale``: each row's typical coordinate size relative to row 0's (module docstring)."""
+    size = prompt_hidden_scale(lm, soft, subjects)
+    scale = size / size[0].clamp_min(1e-12)
     soft.perturbation.row_scale.copy_(scale.to(soft.perturbation.row_scale.device))
     return scale
 
