@@ -45,7 +45,7 @@ def rung_work(r: Rung, n_train: int, n_dev: int, n_test: int, k: int, epochs: in
     batches hold ``2 * batch_size`` fact-passes, as ``training.tune`` and ``run_rung`` score.
     """
     if not r.tuned:
-        score = n_test if r.prompt_set == "lama" else n_dev * k + n_test
+        score = n_dev * k + n_test if r.best_on_dev else n_test
         return Work(0, score, 0, math.ceil(score / (2 * batch_size)))
     prompts = k if r.mixture else 1
     score = epochs * n_dev * prompts + n_test * prompts

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .cloze import ClozeLM
 from .data import DataError, cache_dir, changed_files, check_relations, load_facts, load_prompts, recording_reads
-from .evaluation import score_facts
+from .evaluation import Scored, answer_form_template, majority_answer, majority_p_at_1, score_facts
 from .files import write_text
 from .mixture import effective_prompts
 from .probing import answer_mask, best_template_on_dev, take
@@ -67,6 +67,13 @@ BUDGETS: dict[str, Budget] = {
 
 @dataclass(frozen=True)
 class Rung:
+    """One way of asking: which prompt set, which of its templates, and how (and whether) they are tuned.
+
+    The templates: the set's first (LAMA's manual one; AutoPrompt's one trigger prompt); with
+    ``best_on_dev``, the best on dev among the top ones by LPAQA's weight (LPAQA's top-1, chosen on
+    dev rather than on training facts as LPAQA did); with ``mixture``, the top ones together.
+    """
+
     name: str
     prompt_set: str  # where the templates come from
     tuned: bool
@@ -74,14 +81,21 @@ class Rung:
     mixture: bool = False
     depth: int | str = 0
     data_dependent: bool = False
+    best_on_dev: bool = False
 
 
 LADDER: tuple[Rung, ...] = (
     Rung("lama-hard", "lama", tuned=False),
-    Rung("lpaqa-best-hard", "lpaqa-mine", tuned=False),
+    # AutoPrompt's triggers were searched for BERT; other models read them as transplanted tokens.
+    Rung("autoprompt-hard", "autoprompt-bert", tuned=False),
+    Rung("lpaqa-best-hard", "lpaqa-mine", tuned=False, best_on_dev=True),
     Rung("soft-lama", "lama", tuned=True),
+    # One random prompt shaped like LAMA's template; the paper's random start is a mixture (below).
     Rung("soft-random", "lama", tuned=True, init="random"),
     Rung("mixture-soft", "lpaqa-mine", tuned=True, mixture=True),
+    Rung("mixture-soft-paraphrase", "lpaqa-paraphrase", tuned=True, mixture=True),
+    Rung("mixture-soft-random", "lpaqa-mine", tuned=True, mixture=True, init="random"),
+    Rung("mixture-soft-data-dependent", "lpaqa-mine", tuned=True, mixture=True, data_dependent=True),
     Rung("mixture-soft-deep", "lpaqa-mine", tuned=True, mixture=True, depth="all"),
 )
 RUNGS = {r.name: r for r in LADDER}
@@ -108,7 +122,7 @@ def select_templates(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budge
         return []
     if not templates:
         return []
-    if r.prompt_set == "lama" and not r.mixture:
+    if not (r.mixture or r.best_on_dev):
         return templates[:1]
     if any(t.weight is not None for t in templates):
         # LPAQA's own weights rank its templates; a budget keeps the top ones.
@@ -121,7 +135,8 @@ def select_templates(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budge
     return [best]
 
 
-CACHE_FORMAT = 2  # 2: entries hold identity, data checksums and their own checksum (1: the bare row)
+CACHE_FORMAT = 3  # 3: rows carry the majority and untuned baselines; 2: entries hold identity, data checksums and
+# their own checksum; 1: the bare row
 
 
 def _rung_identity(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budget, config: TuneConfig, answer_space: str,
@@ -179,6 +194,25 @@ def _write_cached(path: Path, identity: dict[str, Any], data: dict[str, str], ro
     write_text(path, json.dumps(entry))
 
 
+def baselines(lm: ClozeLM, templates: Sequence[Template], train: Sequence, scored: Scored,
+              allowed: torch.Tensor | None) -> dict[str, Any]:
+    """The majority answer of the training facts and its P@1 on the facts ``scored`` kept.
+
+    A prompt that learned to always give the relation's most frequent object scores this much
+    without recalling anything: every tuned row carries it beside its own P@1. Only training
+    objects this model can give (one token, inside the answer space) count.
+    """
+    form = answer_form_template(lm, [lm.encode_prompt(t) for t in templates if lm.covers(t)] or
+                                [lm.encode_prompt(templates[0])]) if templates else None
+    answerable = []
+    for f in train:
+        tid = lm.answer_id(f.object, form) if form is not None else None
+        if tid is not None and (allowed is None or bool(allowed[tid])):
+            answerable.append(f.object)
+    answer = majority_answer(answerable)
+    return {"majority_answer": answer, "majority_p_at_1": majority_p_at_1(answer, scored.facts)}
+
+
 def tune_and_score(
     lm: ClozeLM,
     dataset: str,
@@ -230,10 +264,15 @@ def _tune_and_score(lm: ClozeLM, dataset: str, relation: str, templates: Sequenc
         # E.g. Google-RE dates are several tokens for Gemma. The counts say why test facts drop;
         # no metric is given, since nothing was tuned.
         untuned = score_facts(lm, templates, test, allowed=allowed)
+        extra.update(hard_p_at_1=untuned.metrics()["p_at_1"], **baselines(lm, templates, train, untuned, allowed))
         extra["note"] = "no training fact has a single-token object for this model: not tuned"
         return make_row(lm, row_key, counts_of(untuned, len(test)), {m: math.nan for m in untuned.metrics()}, **extra)
     scored = score_facts(lm, templates, test, log_weights=result.log_weights, perturbation=result.soft.perturbation,
                          allowed=allowed, data_dependent=config.data_dependent, batch_size=config.batch_size * 2)
+    # Beside the tuned score: the same prompts untuned (for a random start: the templates it replaced)
+    # on the same test facts, and the majority answer.
+    untuned = score_facts(lm, templates, test, allowed=allowed, batch_size=config.batch_size * 2)
+    extra.update(hard_p_at_1=untuned.metrics()["p_at_1"], **baselines(lm, templates, train, scored, allowed))
     extra.update(best_epoch=result.best_epoch, best_dev_p_at_1=result.best_dev_p1, epochs_run=len(result.history),
                  history=json.dumps(result.history), weights=json.dumps(torch.softmax(result.log_weights, 0).tolist()),
                  effective_prompts=effective_prompts(result.log_weights),
@@ -324,6 +363,8 @@ def _compute_rung(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budget, 
     test = take(load_facts(dataset, relation, split), b.max_test)
     allowed = answer_mask(lm, answer_space, dataset, relation, templates)
     scored = score_facts(lm, templates, test, allowed=allowed, batch_size=b.batch_size * 2)
+    train = take(load_facts(dataset, relation, "train"), b.max_train)
+    extra.update(hard_p_at_1=scored.metrics()["p_at_1"], **baselines(lm, templates, train, scored, allowed))
     return make_row(lm, row_key, counts_of(scored, len(test)), scored.metrics(), **extra)
 
 

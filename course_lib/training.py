@@ -33,7 +33,7 @@ from .data import Fact, facts_sha256
 from .files import atomic_path
 from .evaluation import answer_form_template, score_facts
 from .mixture import data_dependent_log_weights, m_step_weights, responsibilities
-from .soft_prompts import Init, SoftPrompt, embedding_stats, init_random
+from .soft_prompts import Init, Read, SoftPrompt, calibrate_row_scale, embedding_stats, init_random
 from .templates import Template
 
 
@@ -65,9 +65,12 @@ class TuneConfig:
     seed: int = 0
     data_dependent: bool = False
     learn_weights: bool = True
+    read: str = Read.FROZEN.value  # leave the position the answer is read from unperturbed (soft_prompts.Read)
+    row_scaling: bool = True  # deep offsets in units of each layer's hidden-state size (soft_prompts.calibrate_row_scale)
 
     def __post_init__(self) -> None:
         self.init = Init(self.init).value
+        self.read = Read(self.read).value
         for name in ("epochs", "batch_size", "patience"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TuneConfig.{name} must be at least 1, got {getattr(self, name)!r}")
@@ -77,6 +80,10 @@ class TuneConfig:
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TuneConfig.lr must be a positive number or None (the model's default_lr), got {self.lr!r}")
 
+
+# Training facts whose prompt hidden states set a deep run's row_scale: a few dozen fix each row's
+# size to a few percent, and the same facts on a resumed run give the same scale.
+ROW_SCALE_FACTS = 64
 
 # Adam moves every coordinate by about the learning rate per step, whatever the gradient's size,
 # so a learning rate only means something against the spread of the space it moves in: Gemma
@@ -269,7 +276,7 @@ def tune(
     templates = [t for t in templates if lm.covers(t)]
     if not templates:
         raise ValueError(f"none of the templates can be answered by {lm.name} (a causal LM needs [X] before [Y])")
-    soft = SoftPrompt(lm, templates, config.depth)
+    soft = SoftPrompt(lm, templates, config.depth, read=config.read)
     K = len(templates)
     if Init(config.init) is Init.RANDOM:
         init_random(soft, lm, torch.Generator().manual_seed(config.seed))
@@ -279,6 +286,8 @@ def tune(
     pairs = [(s, g) for s, g in pairs if g is not None]
     if not pairs:
         raise NothingToTune("no training fact has a single-token object for this model: nothing to tune on")
+    if soft.depth > 0 and config.row_scaling:
+        calibrate_row_scale(lm, soft, [s for s, _ in pairs[:ROW_SCALE_FACTS]])
     opt = torch.optim.Adam(soft.parameters(), lr=config.lr)
     result = TuneResult(soft, log_weights, config)
     best = {"offsets": soft.offsets.detach().clone(), "log_weights": log_weights.clone()}
