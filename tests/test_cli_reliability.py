@@ -25,6 +25,7 @@ import torch
 
 from course_lib import data, download
 from course_lib.cli import main
+from course_lib.experiments import LADDER
 from course_lib.results import KEY_COLUMNS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -412,6 +413,7 @@ def test_case_6_a_results_cache_entry_that_is_not_one_is_recomputed(tmp_path: Pa
 CHILD = """
 import pathlib, sys, time
 from course_lib.cli import main
+from course_lib.experiments import LADDER
 from course_lib.models import load_model
 load_model("tiny-bert")
 barrier = pathlib.Path(sys.argv[1])
@@ -594,11 +596,12 @@ def test_case_11_merge_refuses_a_bad_file_by_name(case: str, named: str, a_shard
 
 
 def test_case_11_a_shard_without_jobs_writes_a_table_merge_accepts(a_shard: Path, tmp_path: Path, capsys) -> None:
-    # tiny-bert on one relation: 6 jobs, none of them in shard 7 of 8.
-    code, stdout, err = call(["reproduce", "--model", "tiny-bert", "--relations", "P103", "--shard", "7/8",
+    # tiny-bert on one relation: one job per rung, none of them in the last shard of one more shard than that.
+    n = len(LADDER) + 1
+    code, stdout, err = call(["reproduce", "--model", "tiny-bert", "--relations", "P103", "--shard", f"{n - 1}/{n}",
                               "--checkpoints", tmp_path / "runs", "--out", tmp_path / "ladder.csv"], capsys)
     assert code == 0, err
-    empty = tmp_path / "ladder-shard7of8.csv"
+    empty = tmp_path / f"ladder-shard{n - 1}of{n}.csv"
     assert set(KEY_COLUMNS) <= set(empty.read_text().splitlines()[0].split(","))
     assert len(empty.read_text().splitlines()) == 1 and len(pd.read_csv(empty)) == 0
     code, _, err = call(["merge", empty, "--out", tmp_path / "m0.csv"], capsys)
