@@ -232,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--depth", default=0, type=_depth,
                    help="0: soft prompt at the input; all: every layer (deep perturbation); or a layer number")
     t.add_argument("--data-dependent", action="store_true", help="mixture weights that also depend on the subject")
+    t.add_argument("--read", default="frozen", choices=["frozen", "tuned"],
+                   help="frozen: no offset at the position the answer is read from (as at a masked LM's [MASK]); "
+                        "tuned: that position is tuned too (a causal LM's shortcut, for ablations)")
+    t.add_argument("--row-scaling", default=True, action=argparse.BooleanOptionalAction,
+                   help="deep offsets in units of each layer's typical hidden coordinate")
     t.add_argument("--epochs", type=_count, default=10, help="most passes over the training facts")
     t.add_argument("--lr", type=_learning_rate,
                    help=f"Adam's step size (default: {LR_PER_SPREAD} x the median spread of the model's embedding "
@@ -533,6 +538,9 @@ def _method_label(lm, args: argparse.Namespace) -> tuple[str, int | str]:
     k = args.mixture
     label = f"soft-{args.init}" + (f"-mixture{k}" if k != 1 else "")
     label += "" if depth == 0 else "-deep" if depth == "all" else f"-deep{depth}"
+    label += "-data-dependent" if args.data_dependent else ""
+    label += "-read-tuned" if args.read == "tuned" else ""
+    label += "-flat" if depth != 0 and not args.row_scaling else ""
     return label, depth
 
 
@@ -547,7 +555,7 @@ def _tune(lm, args: argparse.Namespace, relations: list[str], out: Path) -> pd.D
     method, depth = _method_label(lm, args)
     config = TuneConfig(init="random" if args.init == "random" else "template", depth=depth, lr=args.lr,
                         epochs=args.epochs, batch_size=args.batch_size, patience=args.patience, seed=args.seed,
-                        data_dependent=args.data_dependent)
+                        data_dependent=args.data_dependent, read=args.read, row_scaling=args.row_scaling)
     prompt_set = "lama" if args.init in ("lama", "random") else args.init
     space = args.answer_space[0]
     # Every relation's templates first: a --mixture K that some relation cannot give is refused before any training.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -211,3 +212,21 @@ def test_shard_auto_under_a_real_launcher_splits_the_ladder(tmp_path: Path) -> N
     for i, shard in enumerate(shards):
         assert list(shard["method"]) == [r.name for r in LADDER][i::2]
     assert not (tmp_path / "ladder.csv").exists()
+
+
+def test_tune_read_and_row_scaling_options_reach_the_run_and_its_label(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "t.csv"
+    code, _, err = call(["tune", "--model", "tiny-gpt2", "--relations", "P103", "--depth", "all", "--read", "tuned",
+                         "--no-row-scaling", "--epochs", "1", "--max-train", "8", "--max-dev", "4", "--max-test", "4",
+                         "--checkpoints", tmp_path / "runs", "--out", out], capsys)
+    assert code == 0, err
+    row = pd.read_csv(out).iloc[0]
+    config = json.loads(row["config"])
+    assert config["read"] == "tuned" and config["row_scaling"] is False
+    assert row["method"] == "soft-lama-deep-read-tuned-flat"
+    code, _, err = call(["tune", "--model", "tiny-gpt2", "--relations", "P103", "--epochs", "1", "--max-train", "8",
+                         "--max-dev", "4", "--max-test", "4", "--checkpoints", tmp_path / "runs",
+                         "--out", tmp_path / "d.csv"], capsys)
+    assert code == 0, err
+    default = json.loads(pd.read_csv(tmp_path / "d.csv").iloc[0]["config"])
+    assert default["read"] == "frozen" and default["row_scaling"] is True
