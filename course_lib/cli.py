@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmarks in bench/ and write a markdown report")
     b.add_argument("--out", default="_build/bench")
     b.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+
+    from .prefetch import add_command as add_download
+
+    add_download(sub)
     return parser
 
 
@@ -157,6 +161,10 @@ def _run(args: argparse.Namespace) -> int:
 
         _print_result(merge_tables(args.tables), Path(args.out))
         return 0
+    if args.command == "download":
+        from .prefetch import run as download
+
+        return download(args)
     if args.command == "bench":
         from .bench import run_all
 
