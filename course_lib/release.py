@@ -14,7 +14,8 @@ def install_spec(extras: str = "") -> str:
 
 def colab_url(path: str) -> str:
     """Colab's address of a notebook of the repository at this release (``path`` from the repository root)."""
-    return f"https://colab.research.google.com/github/{REPOSITORY.removeprefix('https://github.com/')}/blob/{TAG}/{path}"
+    slug = REPOSITORY.removeprefix("https://github.com/")
+    return f"https://colab.research.google.com/github/{slug}/blob/{TAG}/{path}"
 
 
 def asset_url(name: str) -> str:

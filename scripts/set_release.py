@@ -74,7 +74,8 @@ def install_spec(extras: str = "") -> str:
 
 def colab_url(path: str) -> str:
     """Colab's address of a notebook of the repository at this release (``path`` from the repository root)."""
-    return f"https://colab.research.google.com/github/{{REPOSITORY.removeprefix('https://github.com/')}}/blob/{{TAG}}/{{path}}"
+    slug = REPOSITORY.removeprefix("https://github.com/")
+    return f"https://colab.research.google.com/github/{{slug}}/blob/{{TAG}}/{{path}}"
 
 
 def asset_url(name: str) -> str:
@@ -115,19 +116,19 @@ def marked_blocks(url: str, tag: str) -> dict[str, str]:
     spec = f"course_lib[notebook] @ git+{url}@{tag}"
     return {
         "assign": (
-            "Give students the notebook `exercises/NN_<name>.ipynb`: a file to download, or its Colab link, "
-            f"which opens release `{tag}` of the repository, e.g.\n"
+            "Give students the notebook `exercises/NN_<name>.ipynb`: a file to download, or its Colab\n"
+            f"link, which opens release `{tag}` of the repository, e.g.\n"
             f"<{colab(url, tag, 'exercises/03_soft_prompts.ipynb')}>."
         ),
         "install": (
             "```bash\n"
-            f'pip install "{spec}"          # the notebooks\' needs, release {tag}\n'
-            f'pip install "course_lib[book] @ git+{url}@{tag}"   # and what building the site needs\n'
+            f'pip install "{spec}"\n'
+            f'pip install "course_lib[book] @ git+{url}@{tag}"\n'
             "```"
         ),
         "colab": (
-            f"Open a chapter in Colab from its rocket button on the site, or directly, e.g. "
-            f"<{colab(url, tag, 'book/01_asking.ipynb')}>. Colab opens release `{tag}` of {url}."
+            f"Chapter 1, for example, at release `{tag}` of {url}:\n"
+            f"<{colab(url, tag, 'book/01_asking.ipynb')}>."
         ),
     }
 
@@ -140,7 +141,8 @@ def expected(url: str, tag: str) -> dict[Path, str]:
             nb = json.loads(path.read_text(encoding="utf-8"))
             cells = [c for c in nb["cells"] if INSTALL_TAG in c.get("metadata", {}).get("tags", [])]
             if len(cells) != 1:
-                raise SystemExit(f"{path.relative_to(ROOT)}: expected one cell tagged {INSTALL_TAG}, found {len(cells)}")
+                raise SystemExit(f"{path.relative_to(ROOT)}: expected one cell tagged {INSTALL_TAG}, "
+                                 f"found {len(cells)}")
             text = install_cell(url, tag, path.relative_to(ROOT).as_posix())
             cells[0]["source"] = text.splitlines(keepends=True)
             out[path] = exercises.dumps(nb)
@@ -149,8 +151,8 @@ def expected(url: str, tag: str) -> dict[Path, str]:
         path = ROOT / name
         text = path.read_text(encoding="utf-8")
         for block, body in blocks.items():
-            pattern = re.compile(rf"(<!-- release:{block} -->\n).*?(\n<!-- /release:{block} -->)", re.S)
-            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+            pattern = re.compile(rf"(<!-- release:{block} -->\n)(?:.*?\n)?(<!-- /release:{block} -->)", re.S)
+            text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
         out[path] = text
     return out
 

@@ -76,7 +76,8 @@ def test_no_other_copy_of_the_url_or_ref_anywhere():
             if (url, ref) != (URL, TAG):
                 wrong.append(f"{rel}: release asset of {url} at {ref}")
         wrong += [f"{rel}: {SLUG} at {ref}" for ref in REPO_REF.findall(text) if ref != TAG]
-    assert not wrong, "copies that disagree with _config.yml (change them with scripts/set_release.py):\n" + "\n".join(wrong)
+    assert not wrong, ("copies that disagree with _config.yml (change them with scripts/set_release.py):\n"
+                       + "\n".join(wrong))
 
 
 def test_every_notebook_links_to_itself_in_colab():

@@ -66,8 +66,9 @@ def test_site_is_built_on_hosted_runners_with_caches_and_deployed_to_pages():
     run = "\n".join(s.get("run", "") for s in steps(build))
     assert any(u.startswith("actions/cache@") for u in used), "no cache of course_lib's data and models"
     setup_python = next(s for s in steps(build) if s.get("uses", "").startswith("actions/setup-python@"))
-    assert setup_python["with"]["cache"] == "pip" and setup_python["with"]["cache-dependency-path"] == "constraints.txt"
-    assert next(s for s in steps(build) if s.get("uses", "").startswith("actions/setup-node@"))["with"]["cache"] == "npm"
+    assert setup_python["with"] == {"python-version": "3.11", "cache": "pip", "cache-dependency-path": "constraints.txt"}
+    setup_node = next(s for s in steps(build) if s.get("uses", "").startswith("actions/setup-node@"))
+    assert setup_node["with"]["cache"] == "npm"
     assert "bash scripts/setup.sh book" in run and "make book-build" in run and "course_lib download" in run
     assert any(u.startswith("actions/upload-pages-artifact@") for u in used)
     assert deploy["needs"] == "build" and "pull_request" not in deploy["if"]
