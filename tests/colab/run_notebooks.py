@@ -73,7 +73,7 @@ def main() -> int:
         print(f"--- {path} executed in {time.perf_counter() - start:.0f} s; its install cell said:\n{said.strip()}",
               flush=True)
         if i == 0:
-            for expected in ("Installing course_lib from", "Added ", "Replaced: nothing.", "No restart needed"):
+            for expected in ("Installing course_lib from", "Added ", "No restart needed"):
                 if expected not in said:
                     fail(f"{path}: the install cell did not say {expected!r}")
         elif "Nothing to install." not in said:
@@ -84,11 +84,22 @@ def main() -> int:
         if marks:
             print(f"    {len(marks)} checks passed: {', '.join(name for _, name in marks)}")
 
-    changed = {n: (v, metadata.version(n)) for n, v in colab.items() if metadata.version(n).split("+")[0] != v}
-    if changed:
-        fail(f"the install cells replaced Colab's packages: {changed}")
-    print(f"Colab's {len(colab)} packages kept at Colab's versions: "
-          + ", ".join(f"{n} {v}" for n, v in colab.items()))
+    # Colab's packages that course_lib's ranges admit must be untouched; any other may only have been
+    # replaced by a version in range (and the cell said so, above).
+    from course_lib import install
+
+    reqs = install.requirements(("notebook",))
+    found = install.plan(reqs, {install._canon(n): v for n, v in colab.items()})
+    out_of_range = {install._canon(r) for r in found.out_of_range}
+    now = {n: metadata.version(n) for n in colab}
+    changed = {n: (v, now[n]) for n, v in colab.items() if now[n].split("+")[0] != v}
+    wrongly = {n: c for n, c in changed.items() if install._canon(n) not in out_of_range}
+    if wrongly:
+        fail(f"the install cells replaced Colab's packages that were in range: {wrongly}")
+    if install.plan(reqs).to_install:
+        fail(f"after the install cell, still missing or out of range: {install.plan(reqs).to_install}")
+    print(f"Colab's {len(colab)} packages: kept {len(colab) - len(changed)} at Colab's versions; replaced, being "
+          f"out of course_lib's ranges: {', '.join(f'{n} {a} -> {b}' for n, (a, b) in changed.items()) or 'none'}")
 
     dist = metadata.distribution("course_lib")
     tops = sorted({f.parts[0] for f in dist.files or []} - {"..", "__pycache__"})
