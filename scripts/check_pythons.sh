@@ -3,11 +3,10 @@
 #
 # The versions are pyproject.toml's classifiers (tests/test_versions.py checks that README.md says
 # the same). 3.11 is this machine's Python: `make test` installs and runs everything on it. For each
-# other version this asks pip, running on that version's interpreter, for a resolution of
-# course_lib[book,test,grading] from its ranges (what `pip install course_lib[...]` gives a user):
-# no package is installed, nothing is executed on that version. Where no interpreter of a version
-# is found on PATH (python3.12, pyenv's shims...), pip resolves for it with --python-version,
-# wheels only, and says so.
+# other version, pip running on that version's own interpreter (on PATH, or installed by pyenv)
+# resolves course_lib[book,test,grading] from its ranges (what `pip install course_lib[...]` gives
+# a user): nothing is installed, nothing is executed on that version. Where no interpreter of a
+# version is found, pip resolves for it with --python-version, wheels only, and says so.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -26,8 +25,12 @@ echo "[pythons] claimed: ${versions[*]}"
 resolve() {  # resolve VERSION: one resolution, its summary appended to $work/VERSION.txt
   local v="$1" out="$work/$1" interp
   mkdir -p "$out"
-  interp="$(command -v "python$v" || true)"
-  if [[ -n "$interp" ]] && "$interp" -c 'import sys, venv' 2>/dev/null; then
+  # python3.X on PATH, else an installed pyenv version (pyenv's shims answer only for its global ones).
+  interp=""
+  for cand in "$(command -v "python$v" || true)" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/"python$v"; do
+    if [[ -x "$cand" ]] && "$cand" -c 'import sys, venv' 2>/dev/null; then interp="$cand"; break; fi
+  done
+  if [[ -n "$interp" ]]; then
     "$interp" -m venv "$out/venv"
     "$out/venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
     "$out/venv/bin/python" -m pip install -q --disable-pip-version-check --dry-run --ignore-installed \

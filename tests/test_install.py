@@ -119,7 +119,9 @@ def test_use_drive_on_colab_moves_the_cache(monkeypatch, tmp_path):
     colab.drive = types.SimpleNamespace(mount=mounted.append)
     monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
     monkeypatch.setitem(sys.modules, "google.colab", colab)
-    monkeypatch.delenv(install.CACHE_ENV, raising=False)
+    monkeypatch.setenv(install.CACHE_ENV, "unset at the end")  # so that monkeypatch restores it
+    monkeypatch.delenv(install.CACHE_ENV)
+    monkeypatch.delenv("COURSE_LIB_DATA", raising=False)
     folder = tmp_path / "MyDrive" / "course_lib"
     assert install.use_drive(str(folder)) == folder
     assert mounted == ["/content/drive"] and folder.is_dir()
@@ -128,7 +130,8 @@ def test_use_drive_on_colab_moves_the_cache(monkeypatch, tmp_path):
 
 def test_use_drive_elsewhere_does_nothing(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "google.colab", None)  # import fails
-    monkeypatch.delenv(install.CACHE_ENV, raising=False)
+    monkeypatch.setenv(install.CACHE_ENV, "unset at the end")
+    monkeypatch.delenv(install.CACHE_ENV)
     assert install.use_drive() is None
     assert "not on Colab" in capsys.readouterr().out and install.CACHE_ENV not in __import__("os").environ
 
