@@ -168,7 +168,11 @@ def ensure(*extras: str, drive: bool = False, dist: str = "course_lib") -> Plan:
     extras = extras or ("notebook",)
     if drive:
         use_drive()
-    version = metadata.version(dist)
+    try:
+        version = metadata.version(dist)
+    except metadata.PackageNotFoundError:  # imported from a source folder (PYTHONPATH): no metadata to check
+        print(f"{dist} is imported from a source folder, not installed: its requirements are not checked.")
+        return Plan()
     reqs = requirements(tuple(extras), dist)
     before = _installed()
     found = plan(reqs, before)

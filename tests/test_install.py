@@ -141,3 +141,12 @@ def test_the_real_requirements_of_this_checkout():
     assert any(r.startswith("torch>=") for r in reqs) and any(r.startswith("myst-nb>=") for r in reqs)
     assert not any(r.startswith(("jupyter-book", "pytest")) for r in reqs)
     assert install.plan(reqs).to_install == []  # this venv has everything the notebooks need
+
+
+def test_a_source_folder_on_the_path_is_not_checked(monkeypatch, capsys):
+    def missing(dist):
+        raise install.metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(install.metadata, "version", missing)
+    assert install.ensure("notebook").to_install == []
+    assert "imported from a source folder" in capsys.readouterr().out
