@@ -72,6 +72,9 @@ class Plan:
     def to_install(self) -> list[str]:
         return [*self.missing, *self.out_of_range]
 
+    def _ipython_display_(self) -> None:
+        """Nothing: ensure() already printed its summary when a cell ends with it."""
+
 
 def requirements(extras: tuple[str, ...] = ("notebook",), dist: str = "course_lib") -> list[str]:
     """course_lib's requirements for these extras, markers evaluated for this Python and stripped.
