@@ -1,5 +1,6 @@
 # The project's commands. They work on a fresh machine: each main target first runs
-# scripts/setup.sh, which creates ./.venv and installs the pins (about a second when that is done).
+# scripts/setup.sh, which creates ./.venv and installs the locked versions of constraints.txt (about a
+# second when that is done).
 #
 #   make book     execute the chapters at the `ci` budget on the offline default model and build
 #                 the site into _build/html (incremental; `make book CLEAN=1` starts from an empty _build)
@@ -120,7 +121,7 @@ test-colab:
 
 test-lower-bounds:
 	$(call phase,unit tests at the declared lower bounds (torch $(TORCH_LOWER)))
-	TORCH_LOWER='$(TORCH_LOWER)' PYTEST_ARGS='$(PYTEST_ARGS)' bash scripts/lower_bounds.sh
+	TORCH_LOWER='$(TORCH_LOWER)' bash scripts/lower_bounds.sh
 
 test-pythons:
 	$(call phase,pip resolutions for every Python version README claims)
