@@ -145,7 +145,8 @@ def expected(url: str, tag: str) -> dict[Path, str]:
                                  f"found {len(cells)}")
             text = install_cell(url, tag, path.relative_to(ROOT).as_posix())
             cells[0]["source"] = text.splitlines(keepends=True)
-            out[path] = exercises.dumps(nb)
+            # The file's own key order (json keeps it): only the install cell's lines may change.
+            out[path] = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
     blocks = marked_blocks(url, tag)
     for name in MARKED_FILES:
         path = ROOT / name
