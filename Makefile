@@ -6,7 +6,8 @@
 #                 the site into _build/html (incremental; `make book CLEAN=1` starts from an empty _build)
 #   make test     the full test suite: unit tests (the `gemma` ones included), actionlint over the
 #                 GitHub workflows, the book build (chapters executed by papermill), nbval over the
-#                 executed chapters, the exercises, the grading exports through nbgrader and
+#                 executed chapters, every chapter executed on a tiny model of each family (masked,
+#                 seq2seq, causal), the exercises, the grading exports through nbgrader and
 #                 otter-grader, a Colab-like venv running chapter 1 from its own install cell, the
 #                 unit tests at the declared lower bounds, pip resolutions for every Python version
 #                 claimed, and the site tests in headless Chromium.
@@ -16,7 +17,7 @@
 #   make distclean   clean, and remove .venv and node_modules too
 #
 # Pieces, for use after `make setup`: test-unit, test-workflows, book-build, test-notebooks,
-# test-exercises, test-grading, test-colab, test-lower-bounds, test-pythons, test-site.
+# test-families, test-exercises, test-grading, test-colab, test-lower-bounds, test-pythons, test-site.
 #   make exercises   regenerate exercises/ and solutions/ from exercises/source/
 #   make release TAG=vX.Y.Z [URL=...]   set the release students install, in every copy (scripts/set_release.py)
 #   make lock        re-resolve constraints.txt, keeping locked versions (scripts/lock.py; UPGRADE="pkg ...")
@@ -54,8 +55,9 @@ ENV := . scripts/env.sh;
 # A timestamped banner for each phase (no commas or quotes in the text).
 phase = @echo "==> [$$(date '+%Y-%m-%d %H:%M:%S')] $(1)"
 
-.PHONY: help setup setup-book setup-test book book-build test test-unit test-notebooks test-exercises exercises test-site \
-        test-workflows test-grading test-colab test-lower-bounds test-pythons release lock bench clean distclean
+.PHONY: help setup setup-book setup-test book book-build test test-unit test-notebooks test-families test-exercises \
+        exercises test-site test-workflows test-grading test-colab test-lower-bounds test-pythons release lock bench \
+        clean distclean
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -94,8 +96,8 @@ book-build:
 # Tests. Every pytest run here fails the target on any non-zero exit, 5 (no tests collected)
 # included: never wrap these in `|| true` or turn exit 5 into success.
 # ---------------------------------------------------------------------------------------------
-test: setup-test test-unit test-workflows book-build test-notebooks test-exercises test-grading test-colab \
-      test-lower-bounds test-pythons test-site
+test: setup-test test-unit test-workflows book-build test-notebooks test-families test-exercises test-grading \
+      test-colab test-lower-bounds test-pythons test-site
 	$(call phase,make test: all phases passed)
 
 test-unit:
@@ -142,6 +144,12 @@ test-notebooks:
 	$(call phase,reproducibility: chapter 3 re-executed from an empty results cache)
 	$(ENV) test -f $(COLD_CHAPTER) || { echo "missing $(COLD_CHAPTER)"; exit 1; }; \
 	  cold=$$(mktemp -d); trap 'rm -rf "$$cold"' EXIT; COURSE_LIB_RESULTS_CACHE=$$cold $(NBVAL) $(COLD_CHAPTER)
+
+# Every chapter on a tiny random model of each family: a student's switch of MODEL to bert-base-cased,
+# facebook/bart-base or a causal LM is a tested path (scripts/test_families.sh).
+test-families:
+	$(call phase,families: every chapter on tiny-bert / tiny-bart / tiny-gpt2 at budget $(BOOK_BUDGET))
+	$(ENV) BOOK_BUDGET='$(BOOK_BUDGET)' HF_HUB_OFFLINE='$(HF_HUB_OFFLINE)' bash scripts/test_families.sh
 
 # After the book build, so that the experiments the exercises share with the chapters are cached.
 test-exercises:

