@@ -90,7 +90,8 @@ LADDER: tuple[Rung, ...] = (
     Rung("autoprompt-hard", "autoprompt-bert", tuned=False),
     Rung("lpaqa-best-hard", "lpaqa-mine", tuned=False, best_on_dev=True),
     Rung("soft-lama", "lama", tuned=True),
-    # One random prompt shaped like LAMA's template; the paper's random start is a mixture (below).
+    # One random prompt shaped like LAMA's template. The authors' code (randomize_prompt, off in their
+    # released config.yaml) randomises every pattern of the prompt bank it loads: mixture-soft-random below.
     Rung("soft-random", "lama", tuned=True, init="random"),
     Rung("mixture-soft", "lpaqa-mine", tuned=True, mixture=True),
     Rung("mixture-soft-paraphrase", "lpaqa-paraphrase", tuned=True, mixture=True),

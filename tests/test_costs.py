@@ -80,3 +80,12 @@ def test_colab_budget_sits_between_ci_and_gpu():
     ci, colab, gpu = (experiments.budget(n) for n in ("ci", "colab", "gpu"))
     assert ci.max_train < colab.max_train and colab.relations and len(colab.relations) < 41
     assert ci.epochs < colab.epochs < gpu.epochs
+
+
+def test_each_rung_counts_the_templates_of_its_own_prompt_set(shared):
+    b = Budget(("P36",), max_train=7, max_dev=5, max_test=5, epochs=1, max_templates=None, batch_size=4)
+    work = costs.ladder_work(b).set_index("rung")
+    mined = len(data.load_prompts("lpaqa-mine", "trex_original", "P36"))
+    paraphrased = len(data.load_prompts("lpaqa-paraphrase", "trex_original", "P36"))
+    assert mined != paraphrased
+    assert work.loc["mixture-soft", "K"] == mined and work.loc["mixture-soft-paraphrase", "K"] == paraphrased
