@@ -292,6 +292,7 @@ def run_rung(
     *,
     lr: float | None = None,
     seed: int = 0,
+    read: str = "frozen",
     answer_space: str = "full",
     split: str = "test",
     checkpoint_dir: str | os.PathLike | None = None,
@@ -301,10 +302,11 @@ def run_rung(
     """One results row: a rung of the ladder on one relation, trained (if tuned) and evaluated.
 
     The budget decides the data and the training length; ``lr`` (default: ``training.default_lr``
-    of the model) and ``seed`` are the only training settings a caller changes.
+    of the model), ``seed`` and ``read`` (``soft_prompts.Read``: the ablation of chapters 3, 6 and 8)
+    are the only training settings a caller changes.
     """
     r, b = rung(rung_name), budget(budget_name)
-    config = TuneConfig(init=r.init, depth=r.depth, data_dependent=r.data_dependent, lr=lr, seed=seed,
+    config = TuneConfig(init=r.init, depth=r.depth, data_dependent=r.data_dependent, lr=lr, seed=seed, read=read,
                         epochs=b.epochs, batch_size=b.batch_size, patience=b.patience)
     if r.tuned:
         config = resolved(config, lm)  # the concrete step size is part of the key
