@@ -90,7 +90,8 @@ LADDER: tuple[Rung, ...] = (
     Rung("autoprompt-hard", "autoprompt-bert", tuned=False),
     Rung("lpaqa-best-hard", "lpaqa-mine", tuned=False, best_on_dev=True),
     Rung("soft-lama", "lama", tuned=True),
-    # One random prompt shaped like LAMA's template; the paper's random start is a mixture (below).
+    # One random prompt shaped like LAMA's template. The authors' code (randomize_prompt, off in their
+    # released config.yaml) randomises every pattern of the prompt bank it loads: mixture-soft-random below.
     Rung("soft-random", "lama", tuned=True, init="random"),
     Rung("mixture-soft", "lpaqa-mine", tuned=True, mixture=True),
     Rung("mixture-soft-paraphrase", "lpaqa-paraphrase", tuned=True, mixture=True),
@@ -291,6 +292,7 @@ def run_rung(
     *,
     lr: float | None = None,
     seed: int = 0,
+    read: str = "frozen",
     answer_space: str = "full",
     split: str = "test",
     checkpoint_dir: str | os.PathLike | None = None,
@@ -300,10 +302,11 @@ def run_rung(
     """One results row: a rung of the ladder on one relation, trained (if tuned) and evaluated.
 
     The budget decides the data and the training length; ``lr`` (default: ``training.default_lr``
-    of the model) and ``seed`` are the only training settings a caller changes.
+    of the model), ``seed`` and ``read`` (``soft_prompts.Read``: the ablation of chapters 3, 6 and 8)
+    are the only training settings a caller changes.
     """
     r, b = rung(rung_name), budget(budget_name)
-    config = TuneConfig(init=r.init, depth=r.depth, data_dependent=r.data_dependent, lr=lr, seed=seed,
+    config = TuneConfig(init=r.init, depth=r.depth, data_dependent=r.data_dependent, lr=lr, seed=seed, read=read,
                         epochs=b.epochs, batch_size=b.batch_size, patience=b.patience)
     if r.tuned:
         config = resolved(config, lm)  # the concrete step size is part of the key

@@ -120,7 +120,11 @@ def summarize(table: pd.DataFrame, by: Iterable[str] = ("model", "dataset", "pro
         row["facts"] = int(group["facts"].sum())
         row["kept"] = int(group["kept"].sum())
         row["dropped"] = int(group["dropped"].sum())
-        for m in ("p_at_1", "p_at_10", "mrr"):
+        # The baselines every row carries (majority answer, untuned prompt) are averaged the same way,
+        # over the same kept facts, so a table can show them beside the method's own scores.
+        for m in ("p_at_1", "p_at_10", "mrr", "majority_p_at_1", "hard_p_at_1"):
+            if m not in g.columns:
+                continue
             row[f"micro_{m}"] = float((g[m] * g["kept"]).sum() / g["kept"].sum()) if len(g) else math.nan
             row[f"macro_{m}"] = float(g[m].mean()) if len(g) else math.nan
         out.append(row)

@@ -289,3 +289,18 @@ def test_nan_gold_score_ranks_last_not_first() -> None:
     assert ranks.tolist() == [3, 1]
     allowed = torch.tensor([True, True, False])
     assert ranks_of(log_probs, torch.tensor([1, 0]), allowed).tolist() == [2, 1]
+
+
+def test_summary_averages_the_baselines_like_the_scores():
+    t = table([
+        dict(relation="A", facts=100, kept=80, dropped=20, p_at_1=0.5, p_at_10=1, mrr=0.6, majority_p_at_1=0.6,
+             hard_p_at_1=0.2),
+        dict(relation="B", facts=20, kept=20, dropped=0, p_at_1=0.9, p_at_10=1, mrr=0.9, majority_p_at_1=0.0,
+             hard_p_at_1=0.4),
+    ])
+    (row,) = summarize(t).to_dict("records")
+    assert row["micro_majority_p_at_1"] == pytest.approx(0.6 * 80 / 100)
+    assert row["macro_majority_p_at_1"] == pytest.approx(0.3)
+    assert row["micro_hard_p_at_1"] == pytest.approx((0.2 * 80 + 0.4 * 20) / 100)
+    # tables without baseline columns (a probe of hard prompts) summarise as before
+    assert "micro_majority_p_at_1" not in summarize(t.drop(columns=["majority_p_at_1", "hard_p_at_1"])).columns

@@ -145,3 +145,11 @@ def test_every_rung_of_the_ladder_names_its_templates_choice():
     for r in LADDER:
         assert not (r.mixture and r.best_on_dev)
         assert r.tuned or (r.init == "template" and r.depth == 0 and not r.mixture)
+
+
+def test_run_rung_takes_the_read_position_as_a_setting_of_its_own_row(gpt2, tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_LIB_RESULTS_CACHE", str(tmp_path))
+    frozen = run_rung(gpt2, "trex_original", "P103", "soft-lama", "ci", progress=False)
+    tuned = run_rung(gpt2, "trex_original", "P103", "soft-lama", "ci", read="tuned", progress=False)
+    assert json.loads(frozen["config"])["read"] == "frozen" and json.loads(tuned["config"])["read"] == "tuned"
+    assert len(list(tmp_path.glob("P103-soft-lama-*.json"))) == 2  # two cached rows, one per setting
