@@ -16,6 +16,8 @@ or, at the first input where it goes wrong::
 A check never lets the student's exception escape (no traceback storm): an unfinished stub reads
 "not implemented yet: <its hint>", any other error its type and message. Besides the values it
 checks the type, shape and dtype of the result, and that the inputs were not changed in place.
+The library holds an answer to every exercise (the chapters need them), so a function that calls
+into course_lib while it runs, or is course_lib's own, fails with "uses course_lib's own answer".
 
 The result is also returned as a ``CheckResult`` (``passed``, ``message``). For grading, pass
 ``strict=True`` (or set ``COURSE_LIB_CHECKS_STRICT=1``) and a failed check raises ``CheckFailed``
@@ -34,6 +36,7 @@ import functools
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -265,6 +268,36 @@ def _report(name: str, case: _Case | None, inputs: str | None, problem: _Problem
     return "\n".join(lines)
 
 
+_LIBRARY = os.path.dirname(os.path.abspath(__file__)) + os.sep  # course_lib's own code
+
+
+def _guarded(fn: Callable) -> tuple[Callable, list[str]]:
+    """``fn`` wrapped so that any call into course_lib's own code while it runs is recorded.
+
+    The library holds an answer to every exercise (its reference implementations, and the
+    functions the chapters use). A function that calls them, or is one of them, would pass a
+    check without being the student's work: such calls are recorded here and fail the check.
+    Only the thread running ``fn`` is watched, and only while ``fn`` itself runs: library code
+    the check runs around it (a model whose layer hook calls ``fn``) is not the student's.
+    """
+    used: list[str] = []
+
+    def watch(frame, event, arg):
+        if event == "call" and not used and frame.f_code.co_filename.startswith(_LIBRARY):
+            used.append(f"{frame.f_globals.get('__name__', 'course_lib')}.{frame.f_code.co_name}")
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        previous = sys.getprofile()
+        sys.setprofile(watch)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sys.setprofile(previous)
+
+    return wrapper, used
+
+
 def _finish(result: CheckResult, quiet: bool, strict: bool | None) -> CheckResult:
     if not quiet:
         print(result.message)
@@ -297,13 +330,14 @@ def _run(
     if not callable(fn):
         problem = _Problem("wrong type", f"check_{name} needs the function itself, got {_type_name(fn)}")
         return _finish(CheckResult(name, False, _report(name, None, None, problem, f"call it as check_{name}({name})")), quiet, strict)
+    student, used = _guarded(fn)
     for case in cases:
         expected = case.expected(case.make()) if case.expected else reference(*case.make())
         args = case.make()
         before = _snapshot(args)
         shown = case.describe or ", ".join(f"{n} = {_describe(a)}" for n, a in zip(case.names, args))
         try:
-            got = case.call(fn, args) if case.call else fn(*args)
+            got = case.call(student, args) if case.call else student(*args)
         except NotImplementedError as err:
             text = _first_line(err) or "replace the `raise NotImplementedError` line with your code"
             problem = _Problem("not implemented yet", text)
@@ -311,6 +345,10 @@ def _run(
         except Exception as err:  # noqa: BLE001 - the student's error is reported, not re-raised
             problem = _Problem(f"raised {type(err).__name__}", _first_line(err))
             return _finish(CheckResult(name, False, _report(name, case, shown, problem, case.hint or hint)), quiet, strict)
+        if used:
+            problem = _Problem("uses course_lib's own answer", f"it called {used[0]}")
+            tip = f"write {name} yourself, with torch and Python: the check compares it with course_lib's answer"
+            return _finish(CheckResult(name, False, _report(name, case, shown, problem, tip)), quiet, strict)
         for arg_name, b, a in zip(case.names, before, args):
             if not _same(b, a):
                 problem = _Problem("changed its input in place", f"`{arg_name}` was modified",

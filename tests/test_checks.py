@@ -3,12 +3,15 @@
 For each check: the library's reference passes; an unfinished stub, a wrong value, a wrong shape,
 a wrong dtype (or type) and an answer that modifies its input in place each fail with a message
 that names the problem. The wrong answers are built from the reference itself, so every check is
-shown able to fail in each of these ways.
+shown able to fail in each of these ways. A function that is, or calls, course_lib's own answer
+fails too (the library holds an answer to every exercise).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -16,7 +19,23 @@ import torch.nn.functional as F
 
 from course_lib import checks, evaluation, mixture
 
-REFERENCES = {
+
+def outside(fn):
+    """The library's answer as if a student had written it: computed where the check does not look.
+
+    A check fails a function that calls into course_lib while it runs (checks._guarded watches the
+    thread running it), so these tests get the right answers from a worker thread.
+    """
+    pool = ThreadPoolExecutor(1)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        return pool.submit(fn, *args).result()
+
+    return wrapper
+
+
+LIBRARY = {
     "ranks_from_scores": evaluation.ranks_of,
     "precision_at_k": checks._reference_precision_at_k,
     "mean_reciprocal_rank": lambda ranks: evaluation.metrics_from_ranks(ranks)["mrr"],
@@ -32,6 +51,7 @@ REFERENCES = {
     "micro_macro": checks._reference_micro_macro,
     "majority_p_at_1": checks.majority_reference,
 }
+REFERENCES = {name: outside(fn) for name, fn in LIBRARY.items()}
 ALL = [name for names in checks.CHAPTER_CHECKS.values() for name in names]
 SCALAR = {"precision_at_k", "mean_reciprocal_rank", "micro_macro", "majority_p_at_1"}  # results that are Python floats
 HINT = "compare each row with its gold answer"
@@ -272,7 +292,7 @@ def test_majority_tie_hint():
 
 # ------------------------------------------------------------------ result object, strict mode, grading
 def test_result_is_printed_once_in_a_notebook(capsys):
-    result = checks.check_responsibilities(mixture.responsibilities)
+    result = checks.check_responsibilities(REFERENCES["responsibilities"])
     printed = capsys.readouterr().out
     result._ipython_display_()  # the cell's own echo of its last expression: suppressed
     assert capsys.readouterr().out == ""
@@ -288,11 +308,11 @@ def test_strict_mode_raises_after_printing(monkeypatch, capsys):
     monkeypatch.setenv(checks.STRICT_ENV, "1")
     with pytest.raises(AssertionError):
         checks.check_em_step(stub, quiet=True)
-    assert checks.check_em_step(mixture.em_step, quiet=True).passed  # a pass never raises
+    assert checks.check_em_step(REFERENCES["em_step"], quiet=True).passed  # a pass never raises
 
 
 def test_grade_a_namespace():
-    namespace = {"responsibilities": mixture.responsibilities, "em_step": stub}
+    namespace = {"responsibilities": REFERENCES["responsibilities"], "em_step": stub}
     assert checks.grade(namespace, "05_mixtures") == {
         "responsibilities": True, "em_step": False, "data_dependent_log_weights": False}
     assert set(checks.checks_for("05")) == {"responsibilities", "em_step", "data_dependent_log_weights"}
@@ -309,3 +329,32 @@ def test_outcomes_in_notebook():
                                            "text": "✗ CHECK FAILED: micro_macro\n  problem:  ...\n"}]},
     ]}
     assert checks.outcomes_in_notebook(nb) == [(1, "em_step", True), (2, "micro_macro", False)]
+
+
+# ------------------------------------------------------------------ the library's own answers do not pass
+@pytest.mark.parametrize("name", [n for n in ALL if n != "cloze_loss"])  # cloze_loss's answer is torch's own
+def test_the_library_own_answer_fails(name, capsys):
+    """Handing in course_lib's own function, or one that calls it, is not the student's work."""
+    for fn in (LIBRARY[name], lambda *args: LIBRARY[name](*args)):
+        result = run(name, fn)
+        assert not result.passed and "uses course_lib's own answer" in result.message, result.message
+        assert f"write {name} yourself" in result.message
+
+
+def test_an_imported_alias_of_the_library_answer_fails():
+    namespace: dict = {}
+    exec("from course_lib.mixture import responsibilities as answer\n"  # noqa: S102 - a student's cell
+         "def responsibilities(w, g):\n    return answer(w, g)\n", namespace)
+    result = run("responsibilities", namespace["responsibilities"])
+    assert not result.passed and "it called course_lib.mixture.responsibilities" in result.message
+    assert checks.grade(namespace, "05_mixtures")["responsibilities"] is False
+
+
+def test_library_code_around_the_student_function_is_not_counted():
+    # add_layer_offset's last case runs the student's hook inside course_lib's model code: still a pass.
+    def hook(output, delta):
+        if delta is None:
+            return None
+        return (output[0] + delta, *output[1:]) if isinstance(output, tuple) else output + delta
+
+    assert run("add_layer_offset", hook).passed
