@@ -209,6 +209,31 @@ def dumps(nb: dict[str, Any]) -> str:
     return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def load_source(chapter: str, root: Path = ROOT) -> dict[str, Any]:
+    """The source notebook of ``chapter`` ("05_mixtures"), as JSON."""
+    return json.loads((root / SOURCE_DIR / f"{chapter}.ipynb").read_text(encoding="utf-8"))
+
+
+def solution_functions(chapter: str, root: Path = ROOT) -> dict[str, Any]:
+    """The worked version's functions and classes for ``chapter`` ("05_mixtures"), as a student's notebook has them.
+
+    Only each code cell's top-level imports, functions and classes are run, in one fresh namespace
+    (no checks, no experiments, no model), so the tests can hand the worked answers to the checks.
+    """
+    import ast
+
+    solution = versions(load_source(chapter, root), f"{chapter}.ipynb").solution
+    namespace: dict[str, Any] = {"__name__": f"worked_{chapter}"}
+    kinds = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)
+    for cell in solution["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        tree = ast.parse("".join(cell["source"]))
+        tree.body = [node for node in tree.body if isinstance(node, kinds)]
+        exec(compile(tree, f"{chapter}.ipynb", "exec"), namespace)  # noqa: S102 - the project's own notebooks
+    return namespace
+
+
 def sources(root: Path = ROOT) -> list[Path]:
     return sorted((root / SOURCE_DIR).glob("[0-9][0-9]_*.ipynb"))
 

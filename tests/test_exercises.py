@@ -212,6 +212,90 @@ def test_notebook_structure(chapter):
         nbformat.validate(nbformat.from_dict(nb))
 
 
+EXERCISE = re.compile(r"^## Exercise (\d+)\.(\d+): (.+) \((implement|experiment|in words)\)\s*$", re.M)
+HINT_STEP = re.compile(r"<details><summary>Hint (\d+): [^<]+</summary>")
+
+
+def exercise_groups(nb: dict) -> list[dict]:
+    """Each exercise of a notebook: its number, title, kind and cells (from its header to the next one)."""
+    groups: list[dict] = []
+    for cell in nb["cells"]:
+        m = EXERCISE.search(text(cell)) if cell["cell_type"] == "markdown" else None
+        if m:
+            groups.append({"number": f"{m[1]}.{m[2]}", "title": m[3], "kind": m[4], "cells": []})
+        elif groups:
+            groups[-1]["cells"].append(cell)
+    return groups
+
+
+def solution_lines(cell: dict) -> list[str]:
+    """The code lines of a cell's solution regions, without blanks, comments and short lines."""
+    lines, inside = [], False
+    for line in text(cell).splitlines():
+        if line.strip() in (exercises.CODE_BEGIN, exercises.CODE_END):
+            inside = line.strip() == exercises.CODE_BEGIN
+            continue
+        stripped = line.strip()
+        if inside and len(stripped.replace(" ", "")) >= 12 and not stripped.startswith(("#", '"""')):
+            lines.append(stripped)
+    return lines
+
+
+def squash(s: str) -> str:
+    return re.sub(r"\s+", "", s)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_titles_are_the_chapters_titles(chapter):
+    first = text(load(ROOT / "book" / f"{chapter}.ipynb")["cells"][0]).splitlines()[0]
+    m = re.fullmatch(r"# (\d+)\. (.+)", first)
+    assert m, first
+    source = load(ROOT / "exercises" / "source" / f"{chapter}.ipynb")
+    assert text(source["cells"][0]) == f"# Exercises {int(m[1])}: {m[2]}"
+    assert f"`book/{chapter}.ipynb`" in text(source["cells"][3])
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_hints_are_a_ladder_that_never_states_the_answer(chapter):
+    source = load(ROOT / "exercises" / "source" / f"{chapter}.ipynb")
+    student = load(ROOT / "exercises" / f"{chapter}.ipynb")
+    stubs = " ".join(re.findall(r'raise NotImplementedError\((".*?")\)', " ".join(text(c) for c in student["cells"])))
+    for group in exercise_groups(source):
+        if group["kind"] != "implement":
+            continue
+        hints = [text(c) for c in group["cells"] if c["cell_type"] == "markdown" and HINT_STEP.search(text(c))]
+        steps = [int(n) for h in hints for n in HINT_STEP.findall(h)]
+        assert steps and steps == list(range(1, len(steps) + 1)) and len(steps) >= 2, (group["number"], steps)
+        # collapsed: every step is closed (a <details> block, folded in Jupyter, Colab and on the site)
+        assert all(h.count("<details>") == h.count("</details>") for h in hints)
+        shown = squash(" ".join(hints)) + squash(stubs)
+        for cell in group["cells"]:
+            if cell["cell_type"] == "code":
+                for line in solution_lines(cell):
+                    assert squash(line) not in shown, f"exercise {group['number']}: a hint gives the line {line!r}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_an_open_experiment_with_its_uncertainty_and_a_worked_answer_that_shows_its_results(chapter):
+    source = load(ROOT / "exercises" / "source" / f"{chapter}.ipynb")
+    groups = exercise_groups(source)
+    kinds = [g["kind"] for g in groups]
+    assert kinds.count("implement") >= 2 and "experiment" in kinds and "in words" in kinds, kinds
+    open_ = [g for g in groups if g["kind"] == "experiment"
+             and any(c["cell_type"] == "code" and text(c).startswith("# Your choice") for c in g["cells"])]
+    assert open_, f"{chapter}: no experiment where the student picks the setting"
+    solution = load(ROOT / "solutions" / f"{chapter}.ipynb")
+    code = "\n".join(text(c) for c in solution["cells"] if c["cell_type"] == "code")
+    glued = set(re.findall(r'glue\("(\w+)"', code))
+    used = set(re.findall(r"\{glue:\w+\}`(\w+)", "\n".join(text(c) for c in solution["cells"])))
+    assert used <= glued, f"answers refer to results no cell glues: {used - glued}"
+    for group in open_:
+        statement = " ".join(text(c) for c in group["cells"] if c["cell_type"] == "markdown")
+        assert "interval" in statement, f"exercise {group['number']} asks for no uncertainty"
+        answer = [text(c) for c in group["cells"] if "<!-- BEGIN SOLUTION -->" in text(c)]
+        assert answer and "{glue:text}`" in answer[0], f"exercise {group['number']}: the worked answer shows no result"
+
+
 # ------------------------------------------------------------------ executing them (slow)
 def execute(path: Path, out: Path) -> tuple[dict, str]:
     """Run a notebook at the ci budget in its own folder; return it and how long it took (wall, kernel CPU)."""
@@ -294,7 +378,7 @@ def test_grading_script_grades_a_submission(tmp_path):
     proc = subprocess.run([sys.executable, "grade.py", "05_mixtures", str(submission)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{submission}: 2/3" in proc.stdout
+    assert f"{submission}: 2/4" in proc.stdout
     rows = (tmp_path / "grades-05_mixtures.csv").read_text().splitlines()
-    assert rows[0] == "notebook,score,out of,responsibilities,em_step,data_dependent_log_weights"
-    assert rows[1].endswith(",2,3,True,False,True")
+    assert rows[0] == "notebook,score,out of,responsibilities,em_step,data_dependent_log_weights,tune_mixture"
+    assert rows[1].endswith(",2,4,True,False,True,False")
