@@ -173,14 +173,17 @@ def prompt_row_scale(lm: ClozeLM, template: Template, subjects: Sequence[str], d
 
 
 def tune_deep(lm: ClozeLM, template: Template, subjects: Sequence[str], gold: torch.Tensor, *, depth: int,
-              lr: float, epochs: int, batch_size: int, freeze_read: bool = True, scale_rows: bool = True
+              lr: float, epochs: int, batch_size: int, freeze_read: bool = True, scale_rows: bool = True,
+              seed: int | None = None, dev_facts: Sequence[Fact] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Tune a deep perturbation of rows 0..depth for one template, as the chapter 6 exercise asks.
 
     Row i's offsets count in units of ``prompt_row_scale`` (ones without ``scale_rows``); with
     ``freeze_read`` the position the answer is read from is never perturbed. Facts in the order
-    given, ``batch_size`` at a time, Adam, no early stopping. Returns the offsets [depth + 1, T, H],
-    the row scale [depth + 1] and each epoch's mean loss.
+    given, ``batch_size`` at a time, Adam, no early stopping: the exercise's loop. For a real run,
+    ``seed`` shuffles the facts every epoch and ``dev_facts`` keeps the epoch with the best dev P@1,
+    as ``training.tune`` does (a single order and the last epoch can land anywhere with few facts).
+    Returns the offsets [depth + 1, T, H], the row scale [depth + 1] and each epoch's mean loss.
     """
     prompt = lm.encode_prompt(template)
     row_scale = prompt_row_scale(lm, template, subjects, depth) if scale_rows else torch.ones(depth + 1)
@@ -189,19 +192,27 @@ def tune_deep(lm: ClozeLM, template: Template, subjects: Sequence[str], gold: to
     perturbation = DeepOffsets(offsets, row_scale, freeze_read)
     opt = torch.optim.Adam([offsets], lr=lr)
     gold = gold.to(lm.device)
-    losses = []
-    for _ in range(epochs):
+    losses, best, best_p1 = [], offsets.detach().clone(), math.nan
+    for epoch in range(epochs):
+        order = torch.arange(len(subjects)) if seed is None else \
+            torch.randperm(len(subjects), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         total = 0.0
         for start in range(0, len(subjects), batch_size):
-            part = list(subjects[start : start + batch_size])
-            batch = lm.build_batch([prompt], part)
-            loss = F.cross_entropy(lm.blank_logits(batch, perturbation), gold[start : start + batch_size])
+            idx = order[start : start + batch_size]
+            batch = lm.build_batch([prompt], [subjects[int(i)] for i in idx])
+            loss = F.cross_entropy(lm.blank_logits(batch, perturbation), gold[idx.to(gold.device)])
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item() * len(part)
+            total += loss.item() * len(idx)
         losses.append(total / max(len(subjects), 1))
-    return offsets.detach(), row_scale.cpu(), losses
+        if dev_facts is not None:
+            frozen = DeepOffsets(offsets.detach(), row_scale, freeze_read)
+            p1 = score_facts(lm, [template], dev_facts, perturbation=frozen).metrics()["p_at_1"]
+            if math.isnan(best_p1) or p1 > best_p1:  # as training.tune: the first epoch, then any better one
+                best, best_p1 = offsets.detach().clone(), p1
+    final = best if dev_facts is not None else offsets.detach()
+    return final, row_scale.cpu(), losses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,29 +276,33 @@ def trainable(lm: ClozeLM, template: Template, facts: Sequence[Fact]) -> tuple[l
     return [s for s, _ in pairs], torch.tensor([g for _, g in pairs], dtype=torch.long)
 
 
-def control_run(lm: ClozeLM, template: Template, train_facts: Sequence[Fact], test_facts: Sequence[Fact],
-                control: Callable[[Sequence[Fact]], Sequence[Fact]], *, lr: float, epochs: int,
-                batch_size: int) -> dict[str, float]:
-    """Train a soft prompt on the true training facts and one on ``control(train_facts)``; score both on test.
+def control_run(lm: ClozeLM, template: Template, train_facts: Sequence[Fact], dev_facts: Sequence[Fact],
+                test_facts: Sequence[Fact], control: Callable[[Sequence[Fact]], Sequence[Fact]], *, lr: float,
+                epochs: int, batch_size: int) -> dict[str, float]:
+    """Tune a soft prompt on the true facts and one on the control's; score both on the same test facts.
 
-    Each is tuned with ``tune_soft_prompt`` on the facts whose object is one token, and scored with
-    ``evaluation.score_facts``. Returns their P@1 (``"true"``, ``"control"``), the P@1 of always
-    giving the majority answer of the answerable training objects (``"majority"``) on the same kept
-    test facts, and how many test facts were kept (``"kept"``). NaN for a side with nothing to train.
+    Each side is tuned with the library's ``training.tune`` (shuffled batches, the epoch with the best
+    dev P@1 kept): the true side on ``train_facts`` and ``dev_facts``, the control side on
+    ``control(train_facts)`` and ``control(dev_facts)``, since the control replaces everything the prompt
+    learns from. Both are scored with ``evaluation.score_facts`` on ``test_facts``. Returns their P@1
+    (``"true"``, ``"control"``; NaN for a side with no single-token object to train on), the P@1 of
+    always giving the majority answer of the answerable true training objects (``"majority"``) on
+    the kept test facts, and how many test facts were kept (``"kept"``, a float).
     """
+    from .training import NothingToTune, TuneConfig, tune
+
     out: dict[str, float] = {}
-    kept: list[Fact] = []
-    for name, facts in (("true", list(train_facts)), ("control", list(control(list(train_facts))))):
-        subjects, gold = trainable(lm, template, facts)
-        if not subjects:
+    config = TuneConfig(lr=lr, epochs=epochs, batch_size=batch_size)
+    sides = (("true", list(train_facts), list(dev_facts)),
+             ("control", list(control(list(train_facts))), list(control(list(dev_facts)))))
+    for name, train, dev in sides:
+        try:
+            result = tune(lm, [template], train, dev, config, progress=False)
+        except NothingToTune:
             out[name] = math.nan
             continue
-        soft, _ = tune_soft_prompt(lm, template, subjects, gold, lr=lr, epochs=epochs, batch_size=batch_size)
-        scored = score_facts(lm, [template], test_facts, perturbation=soft.perturbation)
-        out[name] = scored.metrics()["p_at_1"]
-        kept = scored.facts
-    if not kept:  # nothing was tuned: the kept test facts are those the untuned template scores
-        kept = score_facts(lm, [template], test_facts).facts
+        out[name] = score_facts(lm, [template], test_facts, perturbation=result.soft.perturbation).metrics()["p_at_1"]
+    kept = score_facts(lm, [template], test_facts).facts  # which facts are kept depends on the template alone
     answer = majority_answer([f.object for f in train_facts if lm.answer_id(f.object, template) is not None])
     out["majority"] = sum(f.object == answer for f in kept) / len(kept) if kept else math.nan
     out["kept"] = float(len(kept))

@@ -537,31 +537,37 @@ def _unanswerable(facts):
     return [Fact(f.subject, "Kaliningrad") for f in facts]
 
 
-def _reference_control_run(lm, template, train, test, control, *, lr, epochs, batch_size):
+DEV_CAPITALS = [Fact("Aragon", "Madrid"), Fact("Brandenburg", "Berlin"), Fact("Latium", "Rome")]
+
+
+def _reference_control_run(lm, template, train, dev, test, control, *, lr, epochs, batch_size):
     from .recipes import control_run
 
-    return control_run(lm, template, train, test, control, lr=lr, epochs=epochs, batch_size=batch_size)
+    return control_run(lm, template, train, dev, test, control, lr=lr, epochs=epochs, batch_size=batch_size)
 
 
 def check_control_run(fn, *, quiet: bool = False, strict: bool | None = None) -> CheckResult:
-    """``fn(lm, template, train, test, control, *, lr, epochs, batch_size)``.
+    """``fn(lm, template, train, dev, test, control, *, lr, epochs, batch_size)``.
 
     It returns {"true", "control", "majority", "kept"}: two prompts' P@1, the majority answer's, kept facts.
     """
     kwargs = {"lr": LR, "epochs": 2, "batch_size": 4}
+    facts = (T_CAPITAL, TRAIN_CAPITALS, DEV_CAPITALS, CAPITALS)
     cases = [
         _RunCase("shuffled objects as the control", "tiny-gpt2",
-                 lambda lm: ((T_CAPITAL, TRAIN_CAPITALS, CAPITALS, _shuffle(90)), dict(kwargs)),
-                 "train: eight facts about regions (one object several tokens), test: six capitals, control: the "
-                 "training objects shuffled (seed 90)"),
+                 lambda lm: ((*facts, _shuffle(90)), dict(kwargs)),
+                 "train: eight facts about regions (one object several tokens), dev: three, test: six capitals, "
+                 "control: the objects shuffled (seed 90)",
+                 hint="the control replaces what the prompt learns from: apply it to the training and the dev facts"),
         _RunCase("a control that changes nothing: both prompts the same", "tiny-bert",
-                 lambda lm: ((T_CAPITAL, TRAIN_CAPITALS, CAPITALS, _identity), dict(kwargs)),
+                 lambda lm: ((*facts, _identity), dict(kwargs)),
                  "the same facts, control = the identity: 'true' and 'control' must agree",
-                 hint="train each prompt on its own facts, from zero offsets, with the same settings"),
+                 hint="tune each prompt on its own facts, from zero offsets, with the same TuneConfig"),
         _RunCase("a control with nothing to train on", "tiny-bart",
-                 lambda lm: ((T_CAPITAL, TRAIN_CAPITALS, CAPITALS, _unanswerable), dict(kwargs)),
+                 lambda lm: ((*facts, _unanswerable), dict(kwargs)),
                  "every control object is Kaliningrad (several tokens): nothing to tune",
-                 hint="a side with no single-token training object is not tuned: its P@1 is NaN"),
+                 hint="training.tune raises NothingToTune when no fact has a single-token object: that side's P@1 "
+                      "is NaN"),
     ]
 
     def judge(got, expected):
@@ -569,9 +575,9 @@ def check_control_run(fn, *, quiet: bool = False, strict: bool | None = None) ->
 
     return _run_procedure("control_run", fn, cases, _reference_control_run, lambda out, lm: out, judge,
                           "course_lib.recipes.control_run",
-                          "for the true and the control facts: keep those with a single-token object, tune a prompt "
-                          "with recipes.tune_soft_prompt, score the test facts with evaluation.score_facts; the "
-                          "majority baseline on the kept test facts",
+                          "for the true and the control side: training.tune on its training and dev facts, then "
+                          "evaluation.score_facts on the test facts; the majority answer of the true training "
+                          "objects on the kept test facts",
                           ("course_lib.recipes.control_run",),
                           hints={"wrong type": "return {'true': float, 'control': float, 'majority': float, 'kept': "
                                                "float}"},

@@ -236,8 +236,8 @@ def test_ensemble_must_leave_out_and_renormalise():
 def test_control_run_baseline_from_the_true_facts():
     ns = dict(W["08_learning_or_recalling"])
 
-    def from_control(lm, template, train, test, control, *, lr, epochs, batch_size):
-        out = ns["control_run"](lm, template, train, test, control, lr=lr, epochs=epochs, batch_size=batch_size)
+    def from_control(lm, template, train, dev, test, control, *, lr, epochs, batch_size):
+        out = ns["control_run"](lm, template, train, dev, test, control, lr=lr, epochs=epochs, batch_size=batch_size)
         kept = ns["score_facts"](lm, [template], test).facts
         answerable = [f.object for f in control(list(train)) if lm.answer_id(f.object, template) is not None]
         return {**out, "majority": ns["majority_p_at_1"](answerable, [f.object for f in kept])}
@@ -249,8 +249,8 @@ def test_control_run_baseline_from_the_true_facts():
 def test_control_run_that_ignores_the_control():
     ns = dict(W["08_learning_or_recalling"])
 
-    def same_twice(lm, template, train, test, control, *, lr, epochs, batch_size):
-        return ns["control_run"](lm, template, train, test, lambda facts: facts, lr=lr, epochs=epochs,
+    def same_twice(lm, template, train, dev, test, control, *, lr, epochs, batch_size):
+        return ns["control_run"](lm, template, train, dev, test, lambda facts: facts, lr=lr, epochs=epochs,
                                  batch_size=batch_size)
 
     assert not run("control_run", same_twice).passed
