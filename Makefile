@@ -15,6 +15,7 @@
 # Pieces, for use after `make setup`: test-unit, book-build, test-notebooks, test-families,
 # test-exercises, test-site.
 #   make exercises   regenerate exercises/ and solutions/ from exercises/source/
+#   make exercise-times   refresh book/exercise_times.csv (minutes per exercise) from the last book build
 #
 # Variables (make VAR=value, or the environment):
 #   BOOK_BUDGET     budget the chapters run at (default ci; gpu for the full runs)
@@ -46,7 +47,7 @@ ENV := . scripts/env.sh;
 # A timestamped banner for each phase (no commas or quotes in the text).
 phase = @echo "==> [$$(date '+%Y-%m-%d %H:%M:%S')] $(1)"
 
-.PHONY: help setup setup-book setup-test book book-build test test-unit test-notebooks test-families test-exercises exercises test-site \
+.PHONY: help setup setup-book setup-test book book-build test test-unit test-notebooks test-families test-exercises exercises exercise-times test-site \
         bench clean distclean
 
 help:
@@ -124,6 +125,12 @@ test-exercises:
 exercises:
 	$(call phase,regenerate exercises/ and solutions/ from exercises/source/)
 	$(ENV) $(PY) -m course_lib.exercises
+
+# The minutes per exercise that book/instructors.md shows, measured in the worked exercises that the
+# last book build executed (papermill's per-cell durations).
+exercise-times:
+	$(call phase,minutes per exercise from _build/executed/solutions into book/exercise_times.csv)
+	$(ENV) $(PY) -m course_lib.exercises --times _build/executed/solutions
 
 test-site:
 	$(call phase,site tests: the built book in headless Chromium)

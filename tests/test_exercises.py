@@ -13,6 +13,7 @@ catch the unfinished stubs) and every check in it fails.
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -311,16 +312,51 @@ def execute(path: Path, out: Path) -> tuple[dict, str]:
     return load(out), f"{time.perf_counter() - start:.0f} s wall, {used:.0f} s CPU"
 
 
+def built_solution(chapter: str) -> Path | None:
+    """The book build's executed worked notebook, if it was executed at ci from the current notebook and library."""
+    built = ROOT / "_build" / "executed" / "solutions" / f"{chapter}.ipynb"
+    stamp = ROOT / "_build" / "executed" / ".budget"
+    if not built.is_file() or not stamp.is_file() or stamp.read_text().strip() != "ci":
+        return None
+    newer = [p for p in [ROOT / "solutions" / f"{chapter}.ipynb", *(ROOT / "course_lib").glob("*.py")]
+             if p.stat().st_mtime > built.stat().st_mtime]
+    return None if newer else built
+
+
 @pytest.mark.notebooks
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_solution_notebook_runs_and_every_check_passes(chapter, tmp_path):
-    nb, seconds = execute(ROOT / "solutions" / f"{chapter}.ipynb", tmp_path / f"{chapter}.ipynb")
+    # The book build executes the worked notebooks (they are the site's exercise pages): check its copy
+    # when it is current, and execute the notebook here otherwise.
+    built = built_solution(chapter)
+    if built is not None:
+        nb, seconds = load(built), "the book build's executed copy"
+    else:
+        nb, seconds = execute(ROOT / "solutions" / f"{chapter}.ipynb", tmp_path / f"{chapter}.ipynb")
     outcomes = checks.outcomes_in_notebook(nb)
     expected = list(checks.CHAPTER_CHECKS[chapter])
     assert [name for _, name, _ in outcomes] == expected, outcomes
     failed = [(i, name) for i, name, ok in outcomes if not ok]
     assert not failed, "\n".join(text({"source": [o.get("text", "") for o in nb["cells"][i]["outputs"]]}) for i, _ in failed)
     assert set(check_cells(nb)) == {i for i, _, _ in outcomes}  # every check cell printed its verdict
+    # every result a worked answer refers to was glued by an executed cell, and every experiment printed
+    outputs = [o for c in nb["cells"] for o in c.get("outputs", [])]
+    glued = {o.get("metadata", {}).get("scrapbook", {}).get("name") for o in outputs}
+    markdown = "\n".join(text(c) for c in nb["cells"] if c["cell_type"] == "markdown")
+    used = set(re.findall(r"\{glue:\w+\}`(\w+)", markdown))
+    assert used and used <= glued, f"answers refer to results no executed cell glued: {used - glued}"
+    from myst_nb.core.variables import format_plain_text  # what the site's {glue:text} role does
+
+    plain = {o["metadata"]["scrapbook"]["name"]: o["data"].get("application/papermill.record/text/plain", "")
+             for o in outputs if "scrapbook" in o.get("metadata", {})}
+    for key, spec in re.findall(r"\{glue:text\}`(\w+)(?::([^`]+))?`", markdown):
+        format_plain_text(plain[key], spec or "s")  # raises where the site would warn (e.g. numpy's repr)
+    for group in exercise_groups(nb):
+        if group["kind"] == "experiment":
+            shown = [o for c in group["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+                     if o.get("output_type") in ("stream", "display_data", "execute_result") and "scrapbook" not in
+                     o.get("metadata", {})]
+            assert shown, f"experiment {group['number']} shows no output"
     print(f"{chapter}: solutions executed in {seconds}")
 
 
@@ -358,6 +394,71 @@ def test_instructors_page_lists_every_notebook_and_function():
             assert f"`{name}`" in page
     assert "course.include_solutions" in page and "nbgrader" in page and "otter" in page
     compile(grading_script(), "grade.py", "exec")
+
+
+def test_instructors_page_says_first_how_to_publish_without_solutions():
+    page = INSTRUCTORS.read_text(encoding="utf-8")
+    first = page.split("\n\n")[1]  # the paragraph after the title
+    assert "course.include_solutions: false" in first and "_config.yml" in first
+
+
+def test_minutes_per_exercise_are_measured_and_cover_every_exercise():
+    page = INSTRUCTORS.read_text(encoding="utf-8")
+    assert re.search(r"```\{csv-table\}[^\n]*\n:file: exercise_times.csv\n:header-rows: 1\n```", page)
+    import csv
+
+    rows = list(csv.DictReader((ROOT / exercises.TIMES_FILE).read_text(encoding="utf-8").splitlines()))
+    assert list(rows[0]) == list(exercises.TIMES_COLUMNS)
+    expected = []
+    for chapter in CHAPTERS:
+        groups = exercise_groups(load(ROOT / "exercises" / "source" / f"{chapter}.ipynb"))
+        expected += [(g["number"], g["title"], g["kind"]) for g in groups] + [(f"{int(chapter[:2])} (all)", None, "")]
+    assert [(r["exercise"], r["title"] if r["kind"] else None, r["kind"]) for r in rows] == expected, (
+        "book/exercise_times.csv lists other exercises than the sources: build the book and run `make exercise-times`")
+    for r in rows:
+        assert math.isfinite(float(r["minutes at ci"])) and float(r["minutes at ci"]) >= 0
+        if r["kind"] == "implement":
+            assert int(r["lines of code to write"]) >= 1 and int(r["hint steps"]) >= 2, r
+
+
+def test_exercise_times_add_up_papermill_durations():
+    source = _nb(("markdown", "# Exercises 9: Sample"), ("code", "import x"),
+                 ("markdown", "## Exercise 9.1: one (implement)"),
+                 ("markdown", "<details><summary>Hint 1: a</summary>\n\nx\n\n</details>"),
+                 ("code", "def f():\n    # BEGIN SOLUTION\n    return 1\n    # END SOLUTION"),
+                 ("code", "check(f)"), ("markdown", "## Exercise 9.2: two (in words)"), ("markdown", "Why?"))
+    executed = json.loads(json.dumps(source))
+    for cell, seconds in zip(executed["cells"], [0, 6, 0, 0, 30, 54, 0, 0]):
+        cell["metadata"]["papermill"] = {"duration": seconds}
+    rows = exercises.exercise_times(executed, source)
+    assert rows == [
+        {"exercise": "9.1", "title": "one", "kind": "implement", "minutes at ci": 1.4, "lines of code to write": 1,
+         "hint steps": 1},
+        {"exercise": "9.2", "title": "two", "kind": "in words", "minutes at ci": 0.0, "lines of code to write": 0,
+         "hint steps": 0},
+        {"exercise": "9 (all)", "title": "Sample: the whole notebook", "kind": "", "minutes at ci": 1.5,
+         "lines of code to write": 1, "hint steps": 1}]
+    stale = json.loads(json.dumps(executed))
+    stale["cells"] = stale["cells"][:6]  # executed before exercise 9.2 existed
+    with pytest.raises(ValueError, match="exercise 9.2 is not in the executed notebook"):
+        exercises.exercise_times(stale, source)
+
+
+def test_a_rubric_for_every_question_in_words_and_two_schedules():
+    page = INSTRUCTORS.read_text(encoding="utf-8")
+    rubrics = page.split("## Rubrics for the answers in words", 1)[1].split("\n## ", 1)[0]
+    for chapter in CHAPTERS:
+        for group in exercise_groups(load(ROOT / "exercises" / "source" / f"{chapter}.ipynb")):
+            if group["kind"] == "in words":
+                heading = f"### Exercise {group['number']}: {group['title']}\n"
+                assert heading in rubrics, f"no rubric for exercise {group['number']}"
+                points = rubrics.split(heading, 1)[1].split("\n### ", 1)[0]
+                assert re.search(r"\d points?:", points), f"exercise {group['number']}: the rubric gives no points"
+    assert "**A one-week module**" in page and "**A three-week module**" in page
+    prerequisites = page.split("## Prerequisites per chapter", 1)[1].split("\n## ", 1)[0]
+    for chapter in CHAPTERS:
+        title = text(load(ROOT / "book" / f"{chapter}.ipynb")["cells"][0]).splitlines()[0][2:]
+        assert f"| {title} |" in prerequisites, title
 
 
 @pytest.mark.notebooks
