@@ -10,7 +10,10 @@ Where things live:
     soft_prompts  the offset tensor: soft prompts and deep perturbations, random initialisation
     mixture       mixtures of prompts, EM, data-dependent weights
     training      the tuning loop: early stopping, checkpoints, resume
-    experiments   the method ladder and the paper grid; results tables
+    experiments   the method ladder and the paper grid; the results cache
+    results       results tables: rows with their identity, checksummed CSVs, merging, summaries
+    files         atomic writes, a lock for files several processes update, output-path checks
+    cli           the command line (python -m course_lib)
 """
 
 __version__ = "0.1.0"

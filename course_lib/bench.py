@@ -41,6 +41,7 @@ import torch
 from .cloze import ClozeLM, Family
 from .data import Fact, load_facts, load_prompts
 from .evaluation import SCORING_BATCH, answer_form_template, score_facts
+from .files import write_text
 from .mixture import m_step_weights, responsibilities
 from .models import DEFAULT_MODEL, choose_device, load_model
 from .soft_prompts import SoftPrompt, resolve_depth
@@ -1047,7 +1048,8 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 def write_report(results: dict[str, Any], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    # Atomic (files.write_text): the book's appendix reads these, and must never meet half a report.
+    write_text(out / "report.json", json.dumps(results, indent=1, default=_json_default))
     png = plot(results, out / "report.png")
     m = results["machine"]
     load = m.get("load_average")
@@ -1077,7 +1079,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             lines += [markdown_table(["part", "share"], [[k, f"{v:.0%}"] for k, v in sorted(b["fractions"].items(), key=lambda kv: -kv[1])]), ""]
     lines += ["Raw numbers: report.json.", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
 
 

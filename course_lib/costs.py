@@ -45,7 +45,7 @@ def rung_work(r: Rung, n_train: int, n_dev: int, n_test: int, k: int, epochs: in
     batches hold ``2 * batch_size`` fact-passes, as ``training.tune`` and ``run_rung`` score.
     """
     if not r.tuned:
-        score = n_test if r.prompt_set == "lama" else n_dev * k + n_test
+        score = n_dev * k + n_test if r.best_on_dev else n_test
         return Work(0, score, 0, math.ceil(score / (2 * batch_size)))
     prompts = k if r.mixture else 1
     score = epochs * n_dev * prompts + n_test * prompts
@@ -66,12 +66,14 @@ def ladder_work(budget: Budget, dataset: str = "trex_original", relations: list[
     for rel in rels:
         n = {split: _capped(len(load_facts(dataset, rel, split)), cap)
              for split, cap in (("train", budget.max_train), ("dev", budget.max_dev), ("test", budget.max_test))}
-        try:
-            k = count(load_prompts("lpaqa-mine", dataset, rel))
-        except DataError:  # no mined prompts for this dataset (ConceptNet): the mixture rungs have none either
-            k = 0
-        k = max(1, _capped(k, budget.max_templates))
+        templates: dict[str, int] = {}  # usable templates per prompt set, counted once per relation
         for r in LADDER:
+            if r.prompt_set not in templates:
+                try:
+                    templates[r.prompt_set] = count(load_prompts(r.prompt_set, dataset, rel))
+                except DataError:  # no such prompts for this dataset (ConceptNet has no LPAQA sets)
+                    templates[r.prompt_set] = 0
+            k = max(1, _capped(templates[r.prompt_set], budget.max_templates))
             w = rung_work(r, n["train"], n["dev"], n["test"], k, budget.epochs, budget.batch_size)
             rows.append({"relation": rel, "rung": r.name, "K": k, **n, "train_passes": w.train,
                          "train_extra_passes": w.train_extra, "deep": w.deep, "score_passes": w.score,

@@ -2,19 +2,26 @@
 
 Where the data lives is decided in one place, ``data_root``: the folder named by the environment
 variable ``COURSE_LIB_DATA`` if set, else a per-user cache that ``course_lib.download`` fills from
-the public releases on first use (checksums verified).
+the public releases on first use (checksums verified, and verified again before each use).
+
+Every file is opened through ``data_path``, which also tells ``recording_reads`` which files a
+computation read and their sha256: results carry these checksums, so a stored result is reused
+only while the data it came from is unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
+import hashlib
 import json
 import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .templates import Template, TemplateError
 
@@ -25,6 +32,14 @@ ENV_VAR = "COURSE_LIB_DATA"
 
 class DataError(ValueError):
     """Bad data or a bad request for data; the message names the file and line, or the argument."""
+
+
+class DataMissing(DataError):
+    """The data folder or one of its files is not there: a problem of this machine, not of the request."""
+
+
+class DataFileError(DataError):
+    """A data file whose contents are wrong (malformed, not UTF-8, empty): the data's problem, not the request's."""
 
 
 @dataclass(frozen=True)
@@ -67,33 +82,127 @@ def data_root() -> Path:
     if env:
         root = Path(env).expanduser()
         if not root.is_dir():
-            raise DataError(f"{ENV_VAR}={env!r} is not a folder; point it at a copy of shared/data or unset it")
+            raise DataMissing(f"{ENV_VAR}={env!r} is not a folder; point it at a copy of shared/data or unset it")
         return root
     return cache_dir() / "data"
 
 
+# ------------------------------------------------------------------------------------------ checksums of what was read
+_READS: contextvars.ContextVar[tuple[dict[str, str], ...]] = contextvars.ContextVar("course_lib_data_reads",
+                                                                                   default=())
+# sha256 per file, remembered while the file's size, modification time and inode stay the same:
+# the facts files are opened again and again within one run, and hashing each time would add up.
+_SHA256: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+# Downloaded files already checked against the registry in this process, with the stat they had then.
+_VERIFIED: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _stat_key(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256 (remembered until the file changes on disk)."""
+    key = _stat_key(path)
+    known = _SHA256.get(str(path))
+    if known is not None and known[0] == key:
+        return known[1]
+    h = hashlib.sha256(path.read_bytes()).hexdigest()
+    _SHA256[str(path)] = (key, h)
+    return h
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[dict[str, str]]:
+    """Collect {relative path: sha256} of every data file opened inside the block (nested blocks each get all)."""
+    reads: dict[str, str] = {}
+    token = _READS.set(_READS.get() + (reads,))
+    try:
+        yield reads
+    finally:
+        _READS.reset(token)
+
+
+def changed_files(recorded: dict[str, str]) -> dict[str, str]:
+    """Which of ``recorded``'s files are not what they were: {relative path: "changed" or "missing"}.
+
+    Reading them again records them in any ``recording_reads`` block around the call, as a
+    computation that reads them would.
+    """
+    out = {}
+    for rel, sha in sorted(recorded.items()):
+        try:
+            if file_sha256(data_path(rel)) != sha:
+                out[rel] = "changed"
+        except (DataError, OSError, ValueError):
+            out[rel] = "missing"
+    return out
+
+
+def facts_sha256(facts: Iterable[Fact]) -> str:
+    """A checksum of a list of facts (order included): the identity of the training data of a run."""
+    return hashlib.sha256(json.dumps([[f.subject, f.object] for f in facts], ensure_ascii=False).encode()).hexdigest()
+
+
 def data_path(relpath: str) -> Path:
-    """The local path of one data file, downloading it into the cache if needed."""
+    """The local path of one data file; in the download cache, fetched if needed and verified before use."""
     root = data_root()
     path = root / relpath
-    if path.is_file():
-        return path
     if os.environ.get(ENV_VAR):
-        raise DataError(f"{path} does not exist ({ENV_VAR}={os.environ[ENV_VAR]!r}); is that folder a full copy of shared/data?")
+        if not path.is_file():
+            raise DataMissing(f"{path} does not exist ({ENV_VAR}={os.environ[ENV_VAR]!r}); is that folder a full copy "
+                              "of shared/data?")
+        sha = file_sha256(path) if _READS.get() else ""
+    else:
+        path, sha = _verified_download(relpath, root)
+    for reads in _READS.get():
+        reads[relpath] = sha
+    return path
+
+
+def _verified_download(relpath: str, root: Path) -> tuple[Path, str]:
+    """The cached copy of a registry file, checked against its sha256 once per process and whenever it changes."""
     from .download import fetch_file
 
-    return fetch_file(relpath, root)
+    path = root / relpath
+    try:
+        if path.is_file() and _VERIFIED.get(str(path)) == _stat_key(path):
+            return path, _registry_sha(relpath)
+    except OSError:
+        pass
+    # fetch_file re-hashes a file already in the cache and downloads it again (saying so) if it is
+    # not the registry's: an edited or damaged copy is never used.
+    path = fetch_file(relpath, root)
+    _VERIFIED[str(path)] = _stat_key(path)
+    return path, _registry_sha(relpath)
+
+
+def _registry_sha(relpath: str) -> str:
+    from .download import _packaged_registry  # not load_registry: that copies all ~750 entries per call
+
+    return str(_packaged_registry()[relpath]["sha256"]).lower()
+
+
+def _is_relation_folder(folder: Path) -> bool:
+    # A relation is a folder holding its splits; anything else in a dataset folder (.DS_Store,
+    # README.txt, an editor's backup, an empty folder) is not one.
+    if not folder.is_dir() or folder.name.startswith("."):
+        return False
+    return any((folder / f"{s}.jsonl").is_file() for s in SPLITS)
 
 
 def _listing(relprefix: str) -> list[str]:
-    """Names directly under a data folder, from disk or (for the cache) from the download registry."""
+    """Relation folders directly under a data folder, from disk or (for the cache) from the download registry."""
     if os.environ.get(ENV_VAR):
         folder = data_root() / relprefix
-        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        return sorted(p.name for p in folder.iterdir() if _is_relation_folder(p)) if folder.is_dir() else []
     from .download import load_registry
 
     prefix = relprefix.rstrip("/") + "/"
-    return sorted({k[len(prefix):].split("/")[0] for k in load_registry() if k.startswith(prefix)})
+    # Only entries with a file below the relation's folder: a file directly in the dataset folder is no relation.
+    return sorted({k[len(prefix):].split("/")[0] for k in load_registry()
+                   if k.startswith(prefix) and k.count("/") > prefix.count("/")})
 
 
 def _unknown(kind: str, value: str, valid: list[str] | tuple[str, ...], where: str = "") -> DataError:
@@ -119,7 +228,7 @@ def relations(dataset: str) -> list[str]:
     check_dataset(dataset)
     ids = _listing(f"soft_prompts/db/{dataset}")
     if not ids:
-        raise DataError(f"no relations found for dataset {dataset!r} under {data_root()}")
+        raise DataMissing(f"no relations found for dataset {dataset!r} under {data_root()}")
     return ids
 
 
@@ -148,9 +257,10 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}): {line[:80]!r}") from None
+            raise DataFileError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}): "
+                                f"{line[:80]!r}") from None
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            raise DataFileError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
         yield lineno, record
 
 
@@ -161,15 +271,15 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}, line {line})") from None
+        raise DataFileError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}, line {line})") from None
 
 
 def _string_field(record: dict[str, Any], key: str, path: Path, lineno: int) -> str:
     if key not in record:
-        raise DataError(f"{path}:{lineno}: missing key {key!r} (keys: {', '.join(map(str, record)) or 'none'})")
+        raise DataFileError(f"{path}:{lineno}: missing key {key!r} (keys: {', '.join(map(str, record)) or 'none'})")
     value = record[key]
     if not isinstance(value, str):
-        raise DataError(f"{path}:{lineno}: {key!r} must be a string, got {type(value).__name__}: {value!r}")
+        raise DataFileError(f"{path}:{lineno}: {key!r} must be a string, got {type(value).__name__}: {value!r}")
     return value
 
 
@@ -178,7 +288,7 @@ def read_facts(path: Path) -> list[Fact]:
         Fact(_string_field(r, "sub", path, n), _string_field(r, "obj", path, n)) for n, r in read_jsonl(path)
     ]
     if not facts:
-        raise DataError(f"{path}: no facts in this split (the file is empty)")
+        raise DataFileError(f"{path}: no facts in this split (the file is empty)")
     return facts
 
 
@@ -189,12 +299,14 @@ def load_facts(dataset: str, relation: str, split: str) -> list[Fact]:
 
 
 def _lama_relations() -> dict[str, Relation]:
-    return _read_lama_relations(data_path("lama/relations.jsonl"))
+    path = data_path("lama/relations.jsonl")
+    return _read_lama_relations(path, file_sha256(path))
 
 
-# Cached per file, not once per process: COURSE_LIB_DATA may be pointed elsewhere mid-session.
+# Cached per file and content, not once per process: COURSE_LIB_DATA may be pointed elsewhere
+# mid-session, or the file edited.
 @lru_cache(maxsize=None)
-def _read_lama_relations(path: Path) -> dict[str, Relation]:
+def _read_lama_relations(path: Path, sha256: str) -> dict[str, Relation]:
     out = {}
     for n, r in read_jsonl(path):
         rid = _string_field(r, "relation", path, n)
@@ -222,15 +334,19 @@ def read_templates(path: Path) -> list[Template]:
     for n, r in records:
         text = _string_field(r, "template", path, n)
         weight = r.get("weight")
-        # bool is an int to Python, and JSON parsers accept NaN and Infinity: none is a weight.
+        # bool is an int to Python, and JSON parsers accept NaN and Infinity: none is a weight. A
+        # weight is a probability (LPAQA's ensembles take its log): a negative one is an error in
+        # the file, not something to clamp.
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight)):
-            raise DataError(f"{path}:{n}: 'weight' must be a finite number, got {weight!r}")
+            raise DataFileError(f"{path}:{n}: 'weight' must be a finite number, got {weight!r}")
+        if weight is not None and weight < 0:
+            raise DataFileError(f"{path}:{n}: 'weight' must not be negative (it is a probability), got {weight!r}")
         try:
             out.append(Template(text, None if weight is None else float(weight), f"{path}:{n}"))
         except TemplateError as err:
-            raise DataError(str(err)) from None
+            raise DataFileError(str(err)) from None
     if not out:
-        raise DataError(f"{path}: no templates in this file (it is empty)")
+        raise DataFileError(f"{path}: no templates in this file (it is empty)")
     return out
 
 
@@ -265,9 +381,11 @@ def load_prompts(prompt_set: str, dataset: str, relation: str) -> list[Template]
 
 def common_vocab(name: str = "common_vocab_cased.txt") -> tuple[str, ...]:
     """LAMA's common vocabulary: the words every model LAMA compared has as one token."""
-    return _read_vocab(data_path(f"common_vocab/{name}"))
+    path = data_path(f"common_vocab/{name}")
+    return _read_vocab(path, file_sha256(path))
 
 
 @lru_cache(maxsize=None)
-def _read_vocab(path: Path) -> tuple[str, ...]:
-    return tuple(w for w in path.read_text(encoding="utf-8").splitlines() if w.strip())
+def _read_vocab(path: Path, sha256: str) -> tuple[str, ...]:
+    # _read_text names the file (and line) when it is not UTF-8.
+    return tuple(w for w in _read_text(path).splitlines() if w.strip())

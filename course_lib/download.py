@@ -24,7 +24,6 @@ import hashlib
 import http.client
 import json
 import os
-import secrets
 import sys
 import time
 import urllib.error
@@ -33,6 +32,8 @@ import urllib.request
 import warnings
 from pathlib import Path, PurePosixPath
 from typing import Iterable
+
+from .files import atomic_path
 
 __all__ = [
     "ChecksumMismatch",
@@ -246,7 +247,9 @@ def fetch_file(
     if dest.is_file():
         if (expected_size is None or dest.stat().st_size == expected_size) and sha256_file(dest) == expected:
             return dest
-        stale = True  # wrong bytes at the destination: replaced below
+        stale = True  # wrong bytes at the destination: replaced below, or removed if no good copy can be had
+        warnings.warn(f"the cached copy of {rel} at {dest} does not match its sha256 in {REGISTRY_FILE} (edited or "
+                      "damaged since it was downloaded); downloading it again", RuntimeWarning, stacklevel=2)
 
     urls = _candidate_urls(rel, entry, url)
     if not urls:
@@ -264,15 +267,18 @@ def fetch_file(
     for u in urls:
         tries = _HTTP_TRIES if u.lower().startswith(("http://", "https://")) else 1
         for attempt in range(tries):
-            tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
             try:
-                actual, size = _download_to(u, tmp, desc=rel, expected_size=expected_size, progress=progress)
-                if actual != expected:
-                    mismatch = ChecksumMismatch(rel, u, expected, actual, size)
-                    errors.append(f"{u}: sha256 {actual} != expected {expected}")
-                    break  # retrying the same URL would give the same bytes; try the next URL
-                os.replace(tmp, dest)
+                # files.atomic_path publishes the file only if the block ends normally: a download
+                # with the wrong sha256 raises _WrongBytes and leaves nothing behind.
+                with atomic_path(dest) as tmp:
+                    actual, size = _download_to(u, tmp, desc=rel, expected_size=expected_size, progress=progress)
+                    if actual != expected:
+                        raise _WrongBytes(actual, size)
                 return dest
+            except _WrongBytes as wrong:
+                mismatch = ChecksumMismatch(rel, u, expected, wrong.actual, wrong.size)
+                errors.append(f"{u}: sha256 {wrong.actual} != expected {expected}")
+                break  # retrying the same URL would give the same bytes; try the next URL
             except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as err:
                 last_err = err
                 retry = attempt + 1 < tries and _transient(err)
@@ -280,8 +286,6 @@ def fetch_file(
                     errors.append(f"{u}: {_describe(err)}")
                     break
                 time.sleep(2**attempt)
-            finally:
-                _unlink(tmp)
 
     if stale:  # the destination holds known-bad bytes and no good copy could be had: drop it
         _unlink(dest)
@@ -295,6 +299,11 @@ def fetch_file(
         relpath=rel,
         urls=urls,
     ) from last_err
+
+
+class _WrongBytes(Exception):
+    def __init__(self, actual: str, size: int):
+        self.actual, self.size = actual, size
 
 
 def _describe(err: BaseException) -> str:

@@ -29,7 +29,7 @@ from .templates import Template
 class AnswerSpace(str, Enum):
     FULL = "full"  # the model's whole vocabulary
     COMMON = "common"  # LAMA's common vocabulary, as single tokens of this model
-    RELATION = "relation"  # the objects this relation has anywhere in the dataset
+    RELATION = "relation"  # the objects this relation has in its training and dev facts (never test's)
 
 
 class DropReason(str, Enum):
@@ -119,7 +119,30 @@ def allowed_ids(lm: ClozeLM, space: AnswerSpace | str, template: Template, objec
 
 
 def relation_objects(dataset: str, relation: str) -> list[str]:
-    return sorted({f.object for split in ("train", "dev", "test") for f in load_facts(dataset, relation, split)})
+    """The relation's candidate objects: those of its training and dev facts.
+
+    Test objects are left out: a space built from them would guarantee every gold answer a place
+    among the candidates (an oracle). A test fact whose object never occurs in train or dev is
+    dropped from this space as NOT_IN_SPACE, and counted.
+    """
+    return sorted({f.object for split in ("train", "dev") for f in load_facts(dataset, relation, split)})
+
+
+def majority_answer(objects: Iterable[str]) -> str | None:
+    """The most frequent object; among equally frequent ones the first in alphabetical order (one rule,
+    used by every table and chapter, so a baseline never depends on the order facts came in). None if empty."""
+    counts = Counter(objects)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return min(o for o, c in counts.items() if c == top)
+
+
+def majority_p_at_1(answer: str | None, kept: Sequence[Fact]) -> float:
+    """P@1 of always giving ``answer``, on the facts a prompt's score was computed on (NaN for none)."""
+    if not kept:
+        return math.nan
+    return sum(f.object == answer for f in kept) / len(kept)
 
 
 def score_facts(

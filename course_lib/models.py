@@ -145,11 +145,44 @@ def model_listing(include_tiny: bool = True) -> str:
     return "\n".join(lines)
 
 
+class DeviceUnavailable(ValueError):
+    """A device name that is not one, or names a device this machine does not have; the message says which."""
+
+
+DEVICE_ENV = "COURSE_LIB_DEVICE"
+
+
+def parse_device(text: str, source: str = "device") -> torch.device:
+    """``text`` as a torch device that exists here; else ``DeviceUnavailable`` naming ``source`` (its origin)."""
+    given = f"{source}={text!r}" if source else repr(text)
+    try:
+        device = torch.device(text.strip())
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceUnavailable(f"{given} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"{given}: this machine has no CUDA GPU that torch can use; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"{given}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                                    f"numbered from 0")
+    elif device.type == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise DeviceUnavailable(f"{given}: Apple MPS is not available on this machine; use cpu")
+    elif device.type != "cpu":
+        raise DeviceUnavailable(f"{given}: course_lib runs on cpu, cuda or mps, not {device.type}")
+    return device
+
+
 def choose_device(device: str | None = None) -> torch.device:
-    """CUDA, then Apple MPS, then CPU, unless ``device`` (or COURSE_LIB_DEVICE) says otherwise."""
-    device = device or os.environ.get("COURSE_LIB_DEVICE")
+    """CUDA, then Apple MPS, then CPU, unless ``device`` (or COURSE_LIB_DEVICE) says otherwise.
+
+    A device that is not one, or that this machine lacks, raises ``DeviceUnavailable`` naming where
+    it came from (the argument or the environment variable).
+    """
     if device:
-        return torch.device(device)
+        return parse_device(str(device), "device")
+    if os.environ.get(DEVICE_ENV):
+        return parse_device(os.environ[DEVICE_ENV], DEVICE_ENV)
     if torch.cuda.is_available():
         # One process per GPU under torchrun or `accelerate launch`: each takes its local rank's GPU.
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")

@@ -5,33 +5,35 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 
+from .data import changed_files, recording_reads
 from .experiments import results_cache_dir
+from .files import write_text
 
 
 def cached_frame(name: str, key: dict[str, Any], compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
     """``compute()``'s table, cached on disk under a hash of ``key`` (put every setting that matters in it).
 
-    An entry is one JSON file: the table as CSV text and that text's sha256. It is written to a
-    temporary file and renamed into place, so an interrupted execution never leaves half a table;
-    an entry damaged anyway (a disk error, a hand edit, a copy cut short) fails its checksum and is
-    recomputed. A bare CSV cut at a line end would read back as a shorter, plausible table.
+    An entry is one JSON file: the table as CSV text, the sha256 of every data file ``compute``
+    read, and a checksum of both. It is written to a temporary file and renamed into place
+    (``files.write_text``), so an interrupted execution never leaves half a table; an entry damaged
+    anyway (a disk error, a hand edit, a copy cut short) fails its checksum and is recomputed, and
+    so is one whose data files have changed since. A bare CSV cut at a line end would read back as
+    a shorter, plausible table.
     """
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = results_cache_dir() / "tables" / f"{name}-{digest}.json"
     if (table := _read_table_entry(path)) is not None:
         return table
-    table = compute()
+    with recording_reads() as reads:
+        table = compute()
     csv = table.to_csv(index=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"sha256": _sha256(csv), "csv": csv}), encoding="utf-8")
-    os.replace(tmp, path)
+    data = dict(sorted(reads.items()))
+    write_text(path, json.dumps({"sha256": _sha256(csv + json.dumps(data, sort_keys=True)), "csv": csv, "data": data}))
     return table
 
 
@@ -40,11 +42,15 @@ def _sha256(text: str) -> str:
 
 
 def _read_table_entry(path: Path) -> pd.DataFrame | None:
-    """The cached table at ``path``, or None if there is none or it is not intact."""
+    """The cached table at ``path``, or None if there is none, it is not intact, or its data changed."""
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
-        csv = entry["csv"]
-        if not isinstance(csv, str) or entry["sha256"] != _sha256(csv):
+        csv, data = entry["csv"], entry["data"]
+        if not isinstance(csv, str) or not isinstance(data, dict):
+            return None
+        if entry["sha256"] != _sha256(csv + json.dumps(data, sort_keys=True)):
+            return None
+        if changed_files(data):
             return None
         return pd.read_csv(io.StringIO(csv))
     except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError):
@@ -55,11 +61,12 @@ def tolerance(lm) -> dict[str, float]:
     """``atol``/``rtol`` for a chapter's "by hand = library" check of logits or log-probabilities.
 
     The two sides add the same numbers in another order; in float32 that moves the fourth decimal
-    at most, under bfloat16 autocast (on GPUs, see ``ClozeLM.autocast``) the second.
+    at most, under bfloat16 autocast (on GPUs, see ``ClozeLM.autocast``) the second: Gemma's logits
+    near zero moved by up to 0.25 between a batch of ten and ten batches of one (two bf16 steps).
     """
     if lm.autocast_dtype() is None:
         return {"atol": 2e-3, "rtol": 1e-4}
-    return {"atol": 0.15, "rtol": 0.02}
+    return {"atol": 0.3, "rtol": 0.02}
 
 
 def top_answers(lm, template_text: str, subject: str, k: int = 10) -> pd.DataFrame:

@@ -8,6 +8,22 @@ special tokens are never perturbed: ``ClozeBatch.prompt_slot`` marks only the te
 
 K prompts (a mixture) share one parameter of shape [K, rows, T, hidden], T the longest prompt, so
 every example of a batch, whatever its prompt, is perturbed by one gather per layer.
+
+Two choices keep the paper's meaning on every family:
+
+* **Where the answer is read.** A masked LM reads the blank at ``[MASK]``, a position no offset
+  touches. A causal LM reads it at the last word before ``[Y]`` ("... is"), which is a prompt token,
+  and BART's decoder reads it at a position whose input is the word before the blank. Tuning that
+  position, at the input or (deeper) in its last hidden state, can push the answer distribution
+  towards frequent objects without the subject mattering at all. ``Read.FROZEN`` (the default)
+  leaves the read position unperturbed at every row, as ``[MASK]`` is; ``Read.TUNED`` tunes it like
+  any other prompt token, for the ablation.
+* **Deep offsets in each layer's units.** The residual stream of a pre-norm decoder grows with
+  depth (its typical coordinate about 300-fold over Gemma's layers), so one step size for every row
+  leaves the upper offsets negligible. With ``row_scale`` (measured once, ``calibrate_row_scale``),
+  row i's offset is ``offsets[:, i] * row_scale[i]``, where ``row_scale[i]`` is the typical size of a
+  coordinate of the prompt's hidden states after layer i relative to its input vectors: every row
+  then moves by the same relative amount per step, and row 0 (the soft prompt) is unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +44,11 @@ class Init(str, Enum):
     RANDOM = "random"  # replace them by draws matching the embedding table's mean and spread
 
 
+class Read(str, Enum):
+    FROZEN = "frozen"  # no offset at the position the answer is read from, as at a masked LM's [MASK]
+    TUNED = "tuned"  # that position is tuned like any other prompt token (the causal shortcut, for ablations)
+
+
 def resolve_depth(depth: int | str, lm: ClozeLM) -> int:
     """``"all"`` means every layer; an int d trains rows 0..d (0 = input embeddings only)."""
     if depth == "all":
@@ -41,9 +62,12 @@ def resolve_depth(depth: int | str, lm: ClozeLM) -> int:
 class PromptOffsets(nn.Module):
     """Trainable offsets for K prompts; implements ``cloze.Perturbation`` for the layer hooks."""
 
-    def __init__(self, n_prompts: int, n_rows: int, n_tokens: int, hidden: int) -> None:
+    def __init__(self, n_prompts: int, n_rows: int, n_tokens: int, hidden: int, read: Read | str = Read.FROZEN) -> None:
         super().__init__()
         self.offsets = nn.Parameter(torch.zeros(n_prompts, n_rows, max(n_tokens, 1), hidden))
+        self.read = Read(read)
+        # Row i's offsets are in units of row_scale[i] (ones until calibrate_row_scale measures them).
+        self.register_buffer("row_scale", torch.ones(n_rows))
 
     @property
     def n_rows(self) -> int:
@@ -56,22 +80,26 @@ class PromptOffsets(nn.Module):
         if batch.max_prompt_tokens != T:
             raise ValueError(f"batch built for {batch.max_prompt_tokens} prompt tokens, offsets have {T}")
         # One extra zero row: positions that are not prompt tokens gather it and stay unperturbed.
-        table = torch.cat([self.offsets[:, row].reshape(K * T, H), self.offsets.new_zeros(1, H)])
-        slots = batch.slots(stream)
+        table = torch.cat([self.offsets[:, row].reshape(K * T, H) * self.row_scale[row], self.offsets.new_zeros(1, H)])
+        slots = batch.slots(stream).to(table.device)
         index = torch.where(slots < 0, K * T, slots)
+        if self.read is Read.FROZEN:
+            rows = torch.arange(len(index), device=index.device)
+            index = index.index_put((rows, batch.read_index.to(index.device)), torch.tensor(K * T, device=index.device))
         return table[index]
 
 
 class SoftPrompt(nn.Module):
     """K templates, encoded for one model, and their offsets. K = 1 for a single soft prompt."""
 
-    def __init__(self, lm: ClozeLM, templates: Sequence[Template], depth: int | str = 0) -> None:
+    def __init__(self, lm: ClozeLM, templates: Sequence[Template], depth: int | str = 0,
+                 read: Read | str = Read.FROZEN) -> None:
         super().__init__()
         self.templates = list(templates)
         self.prompts: list[EncodedPrompt] = [lm.encode_prompt(t) for t in self.templates]
         self.depth = resolve_depth(depth, lm)
         T = max(p.n_prompt_tokens for p in self.prompts)
-        self.perturbation = PromptOffsets(len(self.prompts), self.depth + 1, T, lm.hidden_size).to(lm.device)
+        self.perturbation = PromptOffsets(len(self.prompts), self.depth + 1, T, lm.hidden_size, read).to(lm.device)
 
     @property
     def offsets(self) -> nn.Parameter:
@@ -85,6 +113,48 @@ class SoftPrompt(nn.Module):
         ids = torch.tensor(self.prompts[k].prompt_token_ids, dtype=torch.long)
         base = lm.embedding_output(ids)
         return base + self.offsets[k, 0, : len(ids)].detach().to(base.device)
+
+
+@torch.no_grad()
+def prompt_hidden_scale(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str]) -> torch.Tensor:
+    """[rows] typical size of one coordinate of the prompt tokens' vectors at each row: the median |value|.
+
+    Row 0: the input vectors (word embeddings as the model reads them); row i: the output of layer i
+    (``ClozeLM.row_modules``), at the positions whose offsets row i would perturb, over ``subjects`` x
+    prompts. The median, not the root mean square: a decoder's residual stream carries a few
+    "massive" coordinates (in Gemma-3-270M's last layer about 200 times the typical one), and a unit
+    set by them would make every step huge in all the other coordinates.
+    """
+    K = len(soft.prompts)
+    batch = soft.batch(lm, [s for s in subjects for _ in range(K)], [k for _ in subjects for k in range(K)])
+    values: dict[int, list[torch.Tensor]] = {row: [] for row in range(soft.perturbation.n_rows)}
+
+    def recorder(row: int, stream: Stream):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            mask = (batch.slots(stream) >= 0).to(hidden.device)
+            if hidden.shape[:2] == mask.shape:  # skip passes over other shapes (e.g. a cached prefix)
+                values[row].append(hidden[mask].detach().float().abs().flatten().cpu())
+        return hook
+
+    handles = [module.register_forward_hook(recorder(row, stream))
+               for row in range(soft.perturbation.n_rows) for module, stream in lm.row_modules(row)]
+    saved, lm.reuse_prefix = lm.reuse_prefix, False  # one plain pass: every position seen at every row
+    try:
+        lm.blank_logits(batch)
+    finally:
+        lm.reuse_prefix = saved
+        for h in handles:
+            h.remove()
+    return torch.stack([torch.cat(values[row]).median() for row in range(soft.perturbation.n_rows)])
+
+
+def calibrate_row_scale(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str]) -> torch.Tensor:
+    """Set and return ``row_scale``: each row's typical coordinate size relative to row 0's (module docstring)."""
+    size = prompt_hidden_scale(lm, soft, subjects)
+    scale = size / size[0].clamp_min(1e-12)
+    soft.perturbation.row_scale.copy_(scale.to(soft.perturbation.row_scale.device))
+    return scale
 
 
 def embedding_stats(lm: ClozeLM, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,13 +4,19 @@ One loop serves every rung of the paper's ladder: K = 1 or many prompts, depth 0
 template or random initialisation. Each epoch ends with a checkpoint (safetensors: tensors plus
 JSON metadata, written atomically), so a killed run resumes where it stopped and ends exactly
 where an uninterrupted run with the same seed ends.
+
+A checkpoint is resumed only by the run it belongs to: its metadata holds the run's identity
+(model and weights, templates, settings, checksums of the training and dev facts and of the
+answer space) and a sha256 of every tensor and of the metadata itself, all checked on load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -23,19 +29,27 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .cloze import ClozeLM
-from .data import Fact
+from .data import Fact, facts_sha256
+from .files import atomic_path
 from .evaluation import answer_form_template, score_facts
 from .mixture import data_dependent_log_weights, m_step_weights, responsibilities
-from .soft_prompts import Init, SoftPrompt, embedding_stats, init_random
+from .soft_prompts import Init, Read, SoftPrompt, calibrate_row_scale, embedding_stats, init_random
 from .templates import Template
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: corrupted, truncated, or from another model or prompt."""
+    """A checkpoint that cannot be used: corrupted, truncated, or from another run."""
+
+
+class CheckpointMismatch(CheckpointError, ValueError):
+    """A sound checkpoint written by another run (other model, templates, settings or data) at the path asked for."""
 
 
 class NothingToTune(ValueError):
     """No training fact has an object the model can give in one token: there is no loss to descend."""
+
+
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -51,15 +65,25 @@ class TuneConfig:
     seed: int = 0
     data_dependent: bool = False
     learn_weights: bool = True
+    read: str = Read.FROZEN.value  # leave the position the answer is read from unperturbed (soft_prompts.Read)
+    row_scaling: bool = True  # deep offsets in units of each layer's hidden-state size (soft_prompts.calibrate_row_scale)
 
     def __post_init__(self) -> None:
         self.init = Init(self.init).value
+        self.read = Read(self.read).value
         for name in ("epochs", "batch_size", "patience"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TuneConfig.{name} must be at least 1, got {getattr(self, name)!r}")
+        # The seed feeds torch.Generator.manual_seed, also as seed * 100003 + epoch: keep that in 64 bits.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"TuneConfig.seed must be a whole number from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TuneConfig.lr must be a positive number or None (the model's default_lr), got {self.lr!r}")
 
+
+# Training facts whose prompt hidden states set a deep run's row_scale: a few dozen fix each row's
+# size to a few percent, and the same facts on a resumed run give the same scale.
+ROW_SCALE_FACTS = 64
 
 # Adam moves every coordinate by about the learning rate per step, whatever the gradient's size,
 # so a learning rate only means something against the spread of the space it moves in: Gemma
@@ -124,36 +148,86 @@ def _accumulate_gradients(lm: ClozeLM, soft: SoftPrompt, subjects: Sequence[str]
     return total, torch.cat(resps)
 
 
-def _identity(lm: ClozeLM, templates: Sequence[Template], config: TuneConfig) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: model name and weights, templates, the result-deciding config."""
+def _mask_sha256(allowed: torch.Tensor | None) -> str | None:
+    return None if allowed is None else tensor_sha256(allowed.to(torch.uint8))
+
+
+def _identity(lm: ClozeLM, templates: Sequence[Template], config: TuneConfig, train_facts: Sequence[Fact],
+              dev_facts: Sequence[Fact], allowed: torch.Tensor | None, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: model name and weights, templates, the result-deciding
+    config, the training and dev facts and the answer space (as checksums), and the caller's ``extra`` fields."""
     cfg = asdict(config)
     cfg.pop("epochs")  # more epochs may be asked of a finished run
-    return {"model": lm.name, "revision": lm.revision, "templates": [t.text for t in templates], "config": cfg}
+    return {"model": lm.name, "revision": lm.revision, "templates": [t.text for t in templates], "config": cfg,
+            "train_facts": facts_sha256(train_facts), "dev_facts": facts_sha256(dev_facts),
+            "allowed_answers": _mask_sha256(allowed), **(extra or {})}
 
 
+# Version 2 added the tensor and metadata checksums and the data in the identity; version-1 files
+# cannot be verified.
+CHECKPOINT_FORMAT = 2
 _CHECKPOINT_TENSORS = ("offsets", "log_weights", "best.offsets", "best.log_weights")
-_CHECKPOINT_FIELDS = ("epoch", "history", "best_epoch", "best_dev_p1")
+_CHECKPOINT_FIELDS = ("epoch", "history", "best_epoch", "best_dev_p1", "tensor_sha256")
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes: one flipped bit changes it."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write atomically (a kill during the write leaves the previous checkpoint intact), with checksums."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    sums = {k: tensor_sha256(v) for k, v in sorted(tensors.items())}
+    meta = {**meta, "format": CHECKPOINT_FORMAT, "tensor_sha256": sums}
+    text = json.dumps(meta)
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata={"meta": text,
+                                                   "meta_sha256": hashlib.sha256(text.encode()).hexdigest()})
+        except SafetensorError as err:
+            # safetensors reports a full disk or a read-only file system as its own error: made an
+            # OSError again, so that callers (and the command line) treat it as the environment problem it is.
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata of a checkpoint, verified against the checksums stored with them.
+
+    A file written before checksums existed (no ``format`` in its metadata) is returned as it is,
+    with ``meta["format"] == 1``: it can be read, not trusted.
+    """
     from safetensors import safe_open
 
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {})["meta"])
+            stored = fh.metadata() or {}
+        text = stored["meta"]
+        meta = json.loads(text)
+        if not isinstance(meta, dict):
+            raise ValueError("the metadata is not a JSON object")
     except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable course_lib checkpoint ({type(err).__name__}: {err}); delete it to start over") from None
+    if "format" not in meta:
+        return tensors, {**meta, "format": 1}
+    if stored.get("meta_sha256") != hashlib.sha256(text.encode()).hexdigest():
+        raise CheckpointError(f"{path}: its metadata does not match the checksum stored with it (a damaged or edited "
+                              "file); delete it to start over")
+    sums = meta.get("tensor_sha256")
+    if not isinstance(sums, dict) or set(sums) != set(tensors):
+        raise CheckpointError(f"{path}: the tensors ({', '.join(sorted(tensors))}) are not the ones its metadata "
+                              f"lists ({', '.join(sorted(sums or {}))}); delete it to start over")
+    bad = [k for k in sorted(tensors) if tensor_sha256(tensors[k]) != sums[k]]
+    if bad:
+        raise CheckpointError(f"{path}: tensor {', '.join(repr(k) for k in bad)} does not match the checksum stored "
+                              "with it (the file is damaged); delete it to start over")
     return tensors, meta
 
 
@@ -188,17 +262,21 @@ def tune(
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
     stop_after_epoch: int | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> TuneResult:
     """Tune offsets (and mixture weights by EM) for ``templates``; keep the best state on dev P@1.
 
-    ``checkpoint`` names a .safetensors file: written at each epoch's end, resumed from if present.
-    ``stop_after_epoch`` ends the run early, as an interruption would (for tests and the book).
+    ``checkpoint`` names a .safetensors file: written at each epoch's end, resumed from if present
+    and written by the same run (else ``CheckpointMismatch`` names what differs). ``identity`` adds
+    fields to the run's identity, under the caller's names (e.g. ``max_train``), so that a mismatch
+    is reported in the terms the caller used. ``stop_after_epoch`` ends the run early, as an
+    interruption would (for tests and the book).
     """
     config = resolved(config or TuneConfig(), lm)
     templates = [t for t in templates if lm.covers(t)]
     if not templates:
         raise ValueError(f"none of the templates can be answered by {lm.name} (a causal LM needs [X] before [Y])")
-    soft = SoftPrompt(lm, templates, config.depth)
+    soft = SoftPrompt(lm, templates, config.depth, read=config.read)
     K = len(templates)
     if Init(config.init) is Init.RANDOM:
         init_random(soft, lm, torch.Generator().manual_seed(config.seed))
@@ -208,17 +286,25 @@ def tune(
     pairs = [(s, g) for s, g in pairs if g is not None]
     if not pairs:
         raise NothingToTune("no training fact has a single-token object for this model: nothing to tune on")
+    if soft.depth > 0 and config.row_scaling:
+        calibrate_row_scale(lm, soft, [s for s, _ in pairs[:ROW_SCALE_FACTS]])
     opt = torch.optim.Adam(soft.parameters(), lr=config.lr)
     result = TuneResult(soft, log_weights, config)
     best = {"offsets": soft.offsets.detach().clone(), "log_weights": log_weights.clone()}
     start_epoch = 0
     path = Path(checkpoint) if checkpoint is not None else None
-    identity = _identity(lm, templates, config)
+    identity = _identity(lm, templates, config, train_facts, dev_facts, allowed, identity)
     if path is not None and path.exists():
         tensors, meta = load_checkpoint(path)
+    if path is not None and path.exists() and meta["format"] < CHECKPOINT_FORMAT:
+        # Nothing in an old file can be checked (neither its bytes nor its data): not resumed.
+        warnings.warn(f"{path}: written by an older course_lib, without checksums or the identity of its data, so it "
+                      "cannot be verified; training starts over and replaces it", RuntimeWarning, stacklevel=2)
+    elif path is not None and path.exists():
         if meta.get("identity") != identity:
-            raise CheckpointError(f"{path} was written for another run ({_difference(meta.get('identity'), identity)}); "
-                                  "use another checkpoint path or delete it")
+            diff = _difference(meta.get("identity"), identity)
+            raise CheckpointMismatch(f"{path} was written for another run ({diff}); use another checkpoint path or "
+                                     "delete it")
         # A readable file with the right identity can still lack parts (a hand edit, an older writer):
         # refuse it by name rather than fail on a KeyError halfway through restoring.
         missing = [k for k in _CHECKPOINT_TENSORS if k not in tensors] + [k for k in _CHECKPOINT_FIELDS if k not in meta]
@@ -313,5 +399,7 @@ def tune(
 def _difference(old: Any, new: dict[str, Any]) -> str:
     if not isinstance(old, dict):
         return "no run identity stored"
-    diffs = [k for k in new if old.get(k) != new.get(k)]
-    return "differs in " + ", ".join(diffs) if diffs else "unknown difference"
+    from .results import describe_differences
+
+    diffs = describe_differences(old, new, then="in the checkpoint")
+    return "differs in " + diffs if diffs else "unknown difference"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -160,14 +161,17 @@ CORRUPT_TUNE = TUNE + ["--checkpoints", "{tmp}/ckpts"]
 LAMA_P103 = "soft_prompts/prompts/trex/P103.jsonl"
 
 
+# Exit code 1: the machine holds damaged files or lacks data (the environment); 2: the command asked
+# for something that cannot be (usage).
 @pytest.mark.parametrize(
-    "argv, named, setup",
+    "argv, named, setup, code",
     [
-        (CORRUPT_TUNE, "not a readable course_lib checkpoint", corrupt_checkpoint),
+        (CORRUPT_TUNE, "not a readable course_lib checkpoint", corrupt_checkpoint, 1),
         (["probe", "--model", "tiny-bert", "--relations", "P103"], f"checksum mismatch for {LAMA_P103}",
-         download_from({LAMA_P103: b'{"template": "[X] speaks [Y] ."}\n'})),
-        (["probe", "--model", "tiny-bert", "--relations", "P103"], f"could not download {LAMA_P103}", download_from({})),
-    ] + [(argv, named, None) for argv, named in [
+         download_from({LAMA_P103: b'{"template": "[X] speaks [Y] ."}\n'}), 1),
+        (["probe", "--model", "tiny-bert", "--relations", "P103"], f"could not download {LAMA_P103}",
+         download_from({}), 1),
+    ] + [(argv, named, None, 2) for argv, named in [
         (["probe", "--model", "no-such-model"], "no-such-model"),
         (["tune", "--model", "no-such-model"], "no-such-model"),
         (["probe", "--model", "tiny-bert", "--relations", "P103,P999"], "P999"),
@@ -183,13 +187,13 @@ LAMA_P103 = "soft_prompts/prompts/trex/P103.jsonl"
         (["reproduce", "--model", "tiny-bert", "--relations", "P103", "--shard", "half"], "--shard"),
     ]],
 )
-def test_bad_arguments_exit_2_with_a_message_naming_them(argv: list[str], named: str, setup, tmp_path: Path, capsys,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_arguments_exit_2_with_a_message_naming_them(argv: list[str], named: str, setup, code: int, tmp_path: Path,
+                                                         capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     if setup is not None:
         setup(tmp_path, monkeypatch)
     out = tmp_path / "out.csv"
-    code, stdout, err = call([str(a).replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", out], capsys)
-    assert code == 2
+    exit_code, stdout, err = call([str(a).replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", out], capsys)
+    assert exit_code == code
     assert named in err, err
     assert "Traceback" not in err
     assert not out.exists()
@@ -208,3 +212,21 @@ def test_shard_auto_under_a_real_launcher_splits_the_ladder(tmp_path: Path) -> N
     for i, shard in enumerate(shards):
         assert list(shard["method"]) == [r.name for r in LADDER][i::2]
     assert not (tmp_path / "ladder.csv").exists()
+
+
+def test_tune_read_and_row_scaling_options_reach_the_run_and_its_label(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "t.csv"
+    code, _, err = call(["tune", "--model", "tiny-gpt2", "--relations", "P103", "--depth", "all", "--read", "tuned",
+                         "--no-row-scaling", "--epochs", "1", "--max-train", "8", "--max-dev", "4", "--max-test", "4",
+                         "--checkpoints", tmp_path / "runs", "--out", out], capsys)
+    assert code == 0, err
+    row = pd.read_csv(out).iloc[0]
+    config = json.loads(row["config"])
+    assert config["read"] == "tuned" and config["row_scaling"] is False
+    assert row["method"] == "soft-lama-deep-read-tuned-flat"
+    code, _, err = call(["tune", "--model", "tiny-gpt2", "--relations", "P103", "--epochs", "1", "--max-train", "8",
+                         "--max-dev", "4", "--max-test", "4", "--checkpoints", tmp_path / "runs",
+                         "--out", tmp_path / "d.csv"], capsys)
+    assert code == 0, err
+    default = json.loads(pd.read_csv(tmp_path / "d.csv").iloc[0]["config"])
+    assert default["read"] == "frozen" and default["row_scaling"] is True

@@ -33,7 +33,8 @@ def test_ladder_work_reads_the_split_sizes_and_caps(shared):
     n_dev = len(data.load_facts("trex_original", "P36", "dev"))
     assert set(work.index) == {r.name for r in experiments.LADDER}
     assert (work["train"] == 7).all() and (work["dev"] == n_dev).all() and (work["test"] == 5).all()
-    assert (work["K"] == 2).all()
+    lpaqa = [r.name for r in experiments.LADDER if r.prompt_set.startswith("lpaqa")]
+    assert (work.loc[lpaqa, "K"] == 2).all() and work.loc["lama-hard", "K"] == 1  # LAMA has one template
     assert work.loc["mixture-soft", "train_passes"] == 3 * 7
     assert work.loc["mixture-soft", "train_extra_passes"] == 3 * 7 * (2 - 1)
     # a model that can use one mined template: K = 1
@@ -80,3 +81,12 @@ def test_colab_budget_sits_between_ci_and_gpu():
     ci, colab, gpu = (experiments.budget(n) for n in ("ci", "colab", "gpu"))
     assert ci.max_train < colab.max_train and colab.relations and len(colab.relations) < 41
     assert ci.epochs < colab.epochs < gpu.epochs
+
+
+def test_each_rung_counts_the_templates_of_its_own_prompt_set(shared):
+    b = Budget(("P36",), max_train=7, max_dev=5, max_test=5, epochs=1, max_templates=None, batch_size=4)
+    work = costs.ladder_work(b).set_index("rung")
+    mined = len(data.load_prompts("lpaqa-mine", "trex_original", "P36"))
+    paraphrased = len(data.load_prompts("lpaqa-paraphrase", "trex_original", "P36"))
+    assert mined != paraphrased
+    assert work.loc["mixture-soft", "K"] == mined and work.loc["mixture-soft-paraphrase", "K"] == paraphrased

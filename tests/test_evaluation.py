@@ -216,11 +216,25 @@ def test_common_vocabulary_space(shared):
     assert mask[lm.answer_id("Paris", BORN)] and not mask[lm.tokenizer.mask_token_id]
 
 
-def test_relation_objects(shared):
+def test_relation_objects_come_from_train_and_dev_only(shared):
     objects = relation_objects("trex_original", "P36")
-    everything = {f.object for s in data.SPLITS for f in data.load_facts("trex_original", "P36", s)}
-    assert objects == sorted(everything)
+    seen = {f.object for s in ("train", "dev") for f in data.load_facts("trex_original", "P36", s)}
+    test_only = {f.object for f in data.load_facts("trex_original", "P36", "test")} - seen
+    assert objects == sorted(seen)
+    assert test_only and not test_only & set(objects)  # no oracle: some test answers are not candidates
     assert len(objects) > 100 and "Paris" in objects
+
+
+def test_majority_answer_breaks_ties_alphabetically_whatever_the_order():
+    from course_lib.evaluation import majority_answer, majority_p_at_1
+
+    assert majority_answer(["b", "a", "b", "a", "c"]) == "a"
+    assert majority_answer(["a", "b", "a", "b", "c"]) == "a"
+    assert majority_answer(["c", "c", "a"]) == "c"
+    assert majority_answer([]) is None
+    facts = [Fact("x", o) for o in ["French", "French", "Italian", "German"]]
+    assert majority_p_at_1("French", facts) == 0.5
+    assert math.isnan(majority_p_at_1("French", []))
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,3 +289,18 @@ def test_nan_gold_score_ranks_last_not_first() -> None:
     assert ranks.tolist() == [3, 1]
     allowed = torch.tensor([True, True, False])
     assert ranks_of(log_probs, torch.tensor([1, 0]), allowed).tolist() == [2, 1]
+
+
+def test_summary_averages_the_baselines_like_the_scores():
+    t = table([
+        dict(relation="A", facts=100, kept=80, dropped=20, p_at_1=0.5, p_at_10=1, mrr=0.6, majority_p_at_1=0.6,
+             hard_p_at_1=0.2),
+        dict(relation="B", facts=20, kept=20, dropped=0, p_at_1=0.9, p_at_10=1, mrr=0.9, majority_p_at_1=0.0,
+             hard_p_at_1=0.4),
+    ])
+    (row,) = summarize(t).to_dict("records")
+    assert row["micro_majority_p_at_1"] == pytest.approx(0.6 * 80 / 100)
+    assert row["macro_majority_p_at_1"] == pytest.approx(0.3)
+    assert row["micro_hard_p_at_1"] == pytest.approx((0.2 * 80 + 0.4 * 20) / 100)
+    # tables without baseline columns (a probe of hard prompts) summarise as before
+    assert "micro_majority_p_at_1" not in summarize(t.drop(columns=["majority_p_at_1", "hard_p_at_1"])).columns

@@ -112,3 +112,44 @@ def test_git_state_flags_uncommitted_changes_to_tracked_files(tmp_path) -> None:
     assert git_state(tmp_path) == (commit, False)
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_state(tmp_path) == (commit, True)
+
+
+def test_rows_carry_the_majority_answer_and_the_untuned_prompt_beside_the_tuned_score(gpt2, tmp_path, monkeypatch):
+    """Every row says what always answering the training facts' majority object and the untuned prompt score
+    on the same kept test facts, so a gain can be read against both."""
+    from course_lib import data
+    from course_lib.evaluation import majority_answer, score_facts
+    from course_lib.probing import take
+
+    monkeypatch.setenv("COURSE_LIB_RESULTS_CACHE", str(tmp_path))
+    b = budget("ci")
+    hard = run_rung(gpt2, "trex_original", "P103", "lama-hard", "ci", progress=False)
+    soft = run_rung(gpt2, "trex_original", "P103", "soft-lama", "ci", progress=False)
+    template = data.load_prompts("lama", "trex_original", "P103")[0]
+    train = take(data.load_facts("trex_original", "P103", "train"), b.max_train)
+    test = take(data.load_facts("trex_original", "P103", "test"), b.max_test)
+    by_hand = majority_answer(f.object for f in train if gpt2.answer_id(f.object, template) is not None)
+    kept = score_facts(gpt2, [template], test).facts
+    for row in (hard, soft):
+        assert row["majority_answer"] == by_hand
+        assert row["majority_p_at_1"] == pytest.approx(sum(f.object == by_hand for f in kept) / len(kept))
+        assert row["hard_p_at_1"] == pytest.approx(hard["p_at_1"])
+
+
+def test_every_rung_of_the_ladder_names_its_templates_choice():
+    from course_lib.experiments import LADDER
+
+    names = [r.name for r in LADDER]
+    assert len(set(names)) == len(names)
+    assert {"autoprompt-hard", "mixture-soft-random", "mixture-soft-paraphrase", "mixture-soft-data-dependent"} <= set(names)
+    for r in LADDER:
+        assert not (r.mixture and r.best_on_dev)
+        assert r.tuned or (r.init == "template" and r.depth == 0 and not r.mixture)
+
+
+def test_run_rung_takes_the_read_position_as_a_setting_of_its_own_row(gpt2, tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_LIB_RESULTS_CACHE", str(tmp_path))
+    frozen = run_rung(gpt2, "trex_original", "P103", "soft-lama", "ci", progress=False)
+    tuned = run_rung(gpt2, "trex_original", "P103", "soft-lama", "ci", read="tuned", progress=False)
+    assert json.loads(frozen["config"])["read"] == "frozen" and json.loads(tuned["config"])["read"] == "tuned"
+    assert len(list(tmp_path.glob("P103-soft-lama-*.json"))) == 2  # two cached rows, one per setting

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -156,7 +157,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(killed_runs, uninterru
     assert killed_at < CONFIG.epochs - 1  # the kill came before the end: there is something to resume
     leftovers = [p.name for p in ckpt.parent.iterdir() if p != ckpt]
     if scenario == "kill-during-write":
-        assert killed_at == 0 and leftovers == [f".{ckpt.name}.tmp"]  # the half-written second one
+        # The half-written second one, under a name no other writer uses (files.atomic_path).
+        private = rf"\.{re.escape(ckpt.name)}\.[\w-]+\.\d+\.[0-9a-f]{{8}}\.tmp"
+        assert killed_at == 0 and len(leftovers) == 1 and re.fullmatch(private, leftovers[0]), leftovers
     full, full_path = uninterrupted
     resumed = run(ckpt)
     assert resumed.resumed_from == killed_at
@@ -172,7 +175,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(killed_runs, uninterru
     a = score_facts(lm(), templates, test, log_weights=resumed.log_weights, perturbation=resumed.soft.perturbation)
     b = score_facts(lm(), templates, test, log_weights=full.log_weights, perturbation=full.soft.perturbation)
     assert torch.equal(a.ranks, b.ranks) and a.metrics() == b.metrics()
-    assert not (ckpt.parent / f".{ckpt.name}.tmp").exists()  # the next save replaced the leftover
+    # The next save removed the leftover of the killed writer (its process is gone).
+    assert [p.name for p in ckpt.parent.iterdir()] == [ckpt.name]
 
 
 def test_checkpoints_are_published_only_by_rename(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -206,7 +210,7 @@ def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 
 def test_the_results_cache_never_reads_a_half_written_entry(cache: Path) -> None:
-    from course_lib.experiments import run_rung
+    from course_lib.experiments import _write_cached, run_rung
 
     def rung():
         return run_rung(lm(), DATASET, RELATION, "lama-hard", "ci", progress=False)
@@ -219,25 +223,31 @@ def test_the_results_cache_never_reads_a_half_written_entry(cache: Path) -> None
     assert len(entries) == 1 and entries[0].suffix == ".json"
     entry = entries[0]
     good = entry.read_text()
-    assert same(json.loads(good), first)
+    stored = json.loads(good)
+    assert same(stored["row"], first)
 
-    # A complete entry is used as it is (so the checks below can tell a read from a recomputation).
-    entry.write_text(json.dumps({**first, "p_at_1": 0.123}))
+    # A complete entry with a valid checksum is used as it is (so the checks below can tell a read
+    # from a recomputation).
+    _write_cached(entry, stored["identity"], stored["data"], {**first, "p_at_1": 0.123})
     assert rung()["p_at_1"] == 0.123
 
-    for partial in ("", good[: len(good) // 2], good[:-1], "\x00" * 40):
+    # An entry edited without its checksum, an empty one, a bare row (the old format), a cut one:
+    # none is read; each is recomputed and rewritten whole.
+    edited = json.dumps({**stored, "row": {**stored["row"], "p_at_1": 0.123}})
+    bare_row = json.dumps(first, default=float)
+    for partial in ("", good[: len(good) // 2], good[:-1], "\x00" * 40, "{}", bare_row, edited):
         entry.write_text(partial)
         again = rung()
         assert same(again, first), repr(partial[:20])
-        assert same(json.loads(entry.read_text()), first)  # rewritten whole
+        assert same(json.loads(entry.read_text())["row"], first)  # rewritten whole
 
     # A write that was killed before its rename leaves only a temporary file: never read.
     entry.unlink()
-    (cache / f".{entry.name}.4242.tmp").write_text(json.dumps({**first, "p_at_1": 0.5}))
+    (cache / f".{entry.name}.4242.tmp").write_text(json.dumps({**stored, "row": {**first, "p_at_1": 0.5}}))
     (cache / f".{entry.name}.4343.tmp").write_text(good[:30])
     again = rung()
     assert same(again, first)
-    assert entry.exists() and same(json.loads(entry.read_text()), first)
+    assert entry.exists() and same(json.loads(entry.read_text())["row"], first)
     assert sorted(p.name for p in cache.iterdir() if p.name.endswith(".tmp")) == [f".{entry.name}.4242.tmp", f".{entry.name}.4343.tmp"]
 
 

@@ -14,7 +14,16 @@ import torch
 from course_lib.cloze import ClozeLM, Family, Stream
 from course_lib.data import Fact
 from course_lib.models import load_model
-from course_lib.soft_prompts import SoftPrompt, embedding_stats, init_random, nearest_tokens, resolve_depth
+from course_lib.soft_prompts import (
+    Read,
+    SoftPrompt,
+    calibrate_row_scale,
+    embedding_stats,
+    init_random,
+    nearest_tokens,
+    prompt_hidden_scale,
+    resolve_depth,
+)
 from course_lib.templates import Template
 from course_lib.testing import TINY_MODEL_NAMES
 from course_lib.training import TuneConfig, tune
@@ -127,12 +136,14 @@ def capture_outputs(lm: ClozeLM):
     return seen, handles
 
 
+@pytest.mark.parametrize("read", list(Read))
 @pytest.mark.parametrize("name", TINY_MODEL_NAMES)
-def test_offsets_land_on_prompt_tokens_only_and_at_their_own_row(name: str) -> None:
+def test_offsets_land_on_prompt_tokens_only_and_at_their_own_row(name: str, read: Read) -> None:
     """Row r alone non-zero: rows before r see nothing, row r's output moves by exactly the offsets
-    at prompt-token positions and not at all at subject, blank, special or padding positions."""
+    at prompt-token positions and not at all at subject, blank, special or padding positions; with
+    ``Read.FROZEN`` not at the read position either, even where it holds a prompt token."""
     lm = lm_for(name)
-    soft = SoftPrompt(lm, templates_for(lm), "all")
+    soft = SoftPrompt(lm, templates_for(lm), "all", read=read)
     batch = mixed_batch(lm, soft)
     K, R, T, H = soft.offsets.shape
     seen, handles = capture_outputs(lm)
@@ -149,7 +160,9 @@ def test_offsets_land_on_prompt_tokens_only_and_at_their_own_row(name: str) -> N
                     if row < r:
                         assert diff.abs().max() == 0, (r, row, stream)
                     elif row == r:
-                        slots = batch.slots(stream)
+                        slots = batch.slots(stream).clone()
+                        if read is Read.FROZEN:
+                            slots[torch.arange(len(batch)), batch.read_index] = -1
                         outside = slots < 0
                         assert outside.any() and (~outside).any()
                         assert diff[outside].abs().max() == 0, (r, stream)
@@ -185,11 +198,12 @@ def test_deep_rows_act_only_up_to_the_depth(name: str) -> None:
         with torch.no_grad():
             lm.blank_logits(batch, soft.perturbation)
         assert sorted(set(applied)) == list(range(depth + 1))
-        # The deepest row alone (all earlier rows zero) still changes the answer.
+        # The deepest row alone (all earlier rows zero) still changes the answer, except the last
+        # layer's output: no layer reads it any more, and at the read position itself it is frozen.
         fill_(soft, [depth], scale=3.0)
         with torch.no_grad():
             moved = lm.blank_logits(batch, soft.perturbation)
-        assert (moved - plain).abs().max() > 1e-4, depth
+        assert bool((moved - plain).abs().max() > 1e-4) is (depth < lm.n_layers), depth
 
 
 def test_padding_slots_of_a_shorter_prompt_are_never_used() -> None:
@@ -208,17 +222,19 @@ def test_padding_slots_of_a_shorter_prompt_are_never_used() -> None:
 
 # ---------------------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-bart", "tiny-gemma3"])
-def test_gradients_reach_the_offsets_and_nothing_else(name: str) -> None:
+@pytest.mark.parametrize("read", list(Read))
+def test_gradients_reach_the_offsets_and_nothing_else(name: str, read: Read) -> None:
     lm = lm_for(name)
-    soft = SoftPrompt(lm, templates_for(lm), "all")
+    soft = SoftPrompt(lm, templates_for(lm), "all", read=read)
     batch = mixed_batch(lm, soft)
     logp = lm.blank_log_probs(batch, soft.perturbation)
     logp[:, 7].sum().neg().backward()
     grad = soft.offsets.grad
     assert grad is not None and grad.abs().sum() > 0
     assert grad[:, 0].abs().sum() > 0 and grad[:, -2].abs().sum() > 0
-    if lm.family is Family.MASKED:
-        # After the last layer only the mask position is read, and the mask is never a prompt token.
+    if lm.family is Family.MASKED or read is Read.FROZEN:
+        # After the last layer only the read position is read: a mask, never a prompt token, or a
+        # prompt token left unperturbed.
         assert grad[:, -1].abs().sum() == 0
     else:
         # The read position (a causal LM's last token; BART's decoder input at the blank) is the
@@ -321,3 +337,77 @@ def test_nearest_tokens_in_chunks_match_the_whole_table() -> None:
     want = [[lm.tokenizer.decode([int(i)]) for i in row] for row in expected]
     assert nearest_tokens(lm, vectors, k=5, chunk=7) == want  # chunks that do not divide the vocabulary
     assert nearest_tokens(lm, vectors, k=5, chunk=n) == want
+
+
+# ---------------------------------------------------------------------------------------- the read position
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma3", "tiny-bart"])
+def test_a_frozen_read_position_takes_away_the_offset_at_the_position_read(name: str) -> None:
+    """Causal LMs read at the last prompt word, BART's decoder at a position holding the word before the
+    blank: with Read.TUNED an offset there moves the logits, with Read.FROZEN nothing does."""
+    lm = lm_for(name)
+    template = Template("The native language of [X] is [Y] .")
+    subjects = ["Victor Hugo", "Dante"]
+    for read in Read:
+        soft = SoftPrompt(lm, [template], "all", read=read)
+        batch = soft.batch(lm, subjects, [0, 0])
+        stream = Stream.DECODER if lm.family is Family.SEQ2SEQ else Stream.INPUT
+        slot_at_read = batch.slots(stream)[torch.arange(2), batch.read_index]
+        assert (slot_at_read >= 0).all(), "the read position holds a prompt token in this family"
+        with torch.no_grad():
+            plain = lm.blank_logits(batch)
+            # an offset on the read position's token only, at the last row (its final hidden state);
+            # random, since a final LayerNorm would remove a constant one
+            soft.offsets[0, -1, int(slot_at_read[0])] = 5.0 * torch.randn(lm.hidden_size)
+            moved = lm.blank_logits(batch, soft.perturbation)
+        changed = bool((moved - plain).abs().max() > 1e-3)
+        assert changed is (read is Read.TUNED), (read, changed)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-roberta"])
+def test_a_masked_lms_read_position_is_never_a_prompt_token(name: str) -> None:
+    lm = lm_for(name)
+    soft = SoftPrompt(lm, templates_for(lm), "all")
+    batch = mixed_batch(lm, soft)
+    assert (batch.prompt_slot[torch.arange(len(batch)), batch.read_index] == -1).all()
+
+
+# ---------------------------------------------------------------------------------------- deep offsets' units
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert", "tiny-bart"])
+def test_row_scale_is_the_prompts_typical_coordinate_per_row_relative_to_the_input(name: str) -> None:
+    lm = lm_for(name)
+    soft = SoftPrompt(lm, templates_for(lm)[:1], "all")
+    subjects = ["Dante", "Victor Hugo", "Marie Curie"]
+    # by hand: record every row's output at the prompt positions
+    batch = soft.batch(lm, subjects, [0] * 3)
+    seen, handles = capture_outputs(lm)
+    try:
+        with torch.no_grad():
+            lm.blank_logits(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    by_hand = []
+    for row in range(soft.perturbation.n_rows):
+        picked = torch.cat([seen[(row, stream)][batch.slots(stream) >= 0] for _, stream in lm.row_modules(row)])
+        by_hand.append(float(picked.abs().flatten().median()))
+    torch.testing.assert_close(prompt_hidden_scale(lm, soft, subjects), torch.tensor(by_hand), rtol=1e-5, atol=0)
+    scale = calibrate_row_scale(lm, soft, subjects)
+    assert float(scale[0]) == pytest.approx(1.0) and torch.equal(soft.perturbation.row_scale, scale)
+    # an offset of 1 in row r's units moves that row's output by row_scale[r]
+    r = soft.perturbation.n_rows - 1
+    with torch.no_grad():
+        soft.offsets.zero_()
+        soft.offsets[0, r] = 1.0
+        assert soft.perturbation.delta(r, lm.row_modules(r)[0][1], batch).abs().max() == pytest.approx(float(scale[r]))
+
+
+def test_deep_tuning_calibrates_row_scale_and_shallow_tuning_does_not() -> None:
+    lm = lm_for("tiny-gpt2")
+    facts = [Fact("Dante", "Italian"), Fact("Victor Hugo", "French"), Fact("Goethe", "German")] * 3
+    template = Template("The native language of [X] is [Y] .")
+    deep = tune(lm, [template], facts, facts, TuneConfig(depth="all", epochs=1, lr=1e-3), progress=False)
+    shallow = tune(lm, [template], facts, facts, TuneConfig(depth=0, epochs=1, lr=1e-3), progress=False)
+    flat = tune(lm, [template], facts, facts, TuneConfig(depth="all", epochs=1, lr=1e-3, row_scaling=False), progress=False)
+    assert not torch.equal(deep.soft.perturbation.row_scale, torch.ones_like(deep.soft.perturbation.row_scale))
+    assert torch.equal(shallow.soft.perturbation.row_scale, torch.ones(1))
+    assert torch.equal(flat.soft.perturbation.row_scale, torch.ones_like(flat.soft.perturbation.row_scale))
