@@ -1020,10 +1020,10 @@ def majority_reference(train_objects: Sequence[str], test_objects: Sequence[str]
     """P@1 of always giving the majority answer of the training objects; NaN with no test facts.
 
     The majority answer is the most frequent object, ties broken alphabetically: the one rule every
-    baseline of the book uses (``recipes.majority_answer``, as ``evaluation.majority_answer``), so a
-    baseline never depends on the order in which the facts came.
+    baseline of the book uses (``evaluation.majority_answer``), so a baseline never depends on the
+    order in which the facts came.
     """
-    from .recipes import majority_answer
+    from .evaluation import majority_answer
 
     if len(test_objects) == 0:
         return math.nan

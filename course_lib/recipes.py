@@ -23,8 +23,8 @@ from torch import nn
 
 from .cloze import ClozeBatch, ClozeLM, Stream
 from .data import Fact
-from .evaluation import score_facts
-from .soft_prompts import SoftPrompt
+from .evaluation import majority_answer, score_facts
+from .soft_prompts import SoftPrompt, prompt_hidden_scale
 from .templates import Template
 
 
@@ -140,36 +140,13 @@ class DeepOffsets:
 
 @torch.no_grad()
 def prompt_row_scale(lm: ClozeLM, template: Template, subjects: Sequence[str], depth: int) -> torch.Tensor:
-    """[depth + 1]: the size (root mean square) of the prompt tokens' vectors after each row, over row 0's.
+    """[depth + 1]: each row's median |coordinate| at the prompt's positions, over row 0's.
 
-    Row 0 is the input vectors, row i the output of layer i (``lm.row_modules(i)``), read at every
-    position holding a prompt token, over ``subjects``, with no offsets. Deep offsets multiplied by
-    these move every layer by the same relative amount per step.
+    The library's unit for deep offsets (``TuneConfig.row_scaling``), so that the exercise's run and
+    the library's runs count a step of a deep offset alike.
     """
-    batch = lm.build_batch([lm.encode_prompt(template)], list(subjects))
-    sums = torch.zeros(depth + 1, dtype=torch.float64)
-    counts = torch.zeros(depth + 1, dtype=torch.float64)
-
-    def recorder(row: int, stream: Stream):
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            mask = (batch.slots(stream) >= 0).to(hidden.device)
-            picked = hidden[mask].double()
-            sums[row] += float((picked * picked).mean(dim=-1).sum())
-            counts[row] += picked.shape[0]
-        return hook
-
-    handles = [module.register_forward_hook(recorder(row, stream))
-               for row in range(depth + 1) for module, stream in lm.row_modules(row)]
-    saved, lm.reuse_prefix = lm.reuse_prefix, False  # one plain pass: every position at every layer
-    try:
-        lm.blank_logits(batch)
-    finally:
-        lm.reuse_prefix = saved
-        for handle in handles:
-            handle.remove()
-    rms = (sums / counts.clamp_min(1)).sqrt()
-    return (rms / rms[0].clamp_min(1e-12)).float()
+    size = prompt_hidden_scale(lm, SoftPrompt(lm, [template], depth), subjects)
+    return size / size[0].clamp_min(1e-12)
 
 
 def tune_deep(lm: ClozeLM, template: Template, subjects: Sequence[str], gold: torch.Tensor, *, depth: int,
@@ -256,17 +233,6 @@ def shuffled_facts(facts: Sequence[Fact], generator: torch.Generator) -> list[Fa
     """
     perm = torch.randperm(len(facts), generator=generator)
     return [Fact(f.subject, facts[int(p)].object) for f, p in zip(facts, perm)]
-
-
-def majority_answer(objects: Sequence[str]) -> str | None:
-    """The most frequent object, ties broken alphabetically (the rule of evaluation.majority_answer); None if empty."""
-    counts: dict[str, int] = {}
-    for o in objects:
-        counts[o] = counts.get(o, 0) + 1
-    if not counts:
-        return None
-    top = max(counts.values())
-    return min(o for o, c in counts.items() if c == top)
 
 
 def trainable(lm: ClozeLM, template: Template, facts: Sequence[Fact]) -> tuple[list[str], torch.Tensor]:

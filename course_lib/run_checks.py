@@ -496,8 +496,8 @@ def check_tune_deep(fn, *, quiet: bool = False, strict: bool | None = None) -> C
             return _Problem("wrong shape", f"row_scale: expected shape {list(expected[1].shape)} (one per row), got "
                                            f"{list(scale.shape)}")
         if not bool(torch.allclose(scale.double(), expected[1].double(), rtol=1e-3, atol=1e-6)):
-            return _Problem("wrong value", "row_scale differs from the reference's: the RMS of the prompt tokens' "
-                                           "vectors after each row, over row 0's", _describe(expected[1]),
+            return _Problem("wrong value", "row_scale differs from the reference's: the median |coordinate| of the "
+                                           "prompt tokens' vectors after each row, over row 0's", _describe(expected[1]),
                             _describe(scale))
         return _judge_training(offsets, losses, expected[0], expected[2])
 

@@ -182,8 +182,8 @@ def _deep_variant(source_change):
 
 
 def test_deep_run_leaving_its_hooks():
-    leave = "    lm.row_modules(0)[0][0].register_forward_hook(lambda module, inputs, output: None)\n    rms = "
-    fn = _deep_variant(lambda s: s.replace("    rms = ", leave, 1))
+    leave = "    lm.row_modules(0)[0][0].register_forward_hook(lambda module, inputs, output: None)\n    size = "
+    fn = _deep_variant(lambda s: s.replace("    size = ", leave, 1))
     result = run("tune_deep", fn)
     assert "problem:  left a hook on the model" in result.message and "handle.remove()" in result.message
 
@@ -196,9 +196,18 @@ def test_deep_run_that_tunes_the_read_position_anyway():
 
 
 def test_deep_run_without_row_units():
-    fn = _deep_variant(lambda s: s.replace("row_scale = (rms / rms[0]).float()", "row_scale = torch.ones(depth + 1)"))
+    fn = _deep_variant(lambda s: s.replace("row_scale = size / size[0]", "row_scale = torch.ones(depth + 1)"))
     result = run("tune_deep", fn)
     assert "problem:  wrong value" in result.message and "row_scale" in result.message
+
+
+def test_deep_run_in_root_mean_square_units():
+    # The library counts deep offsets in median |coordinate| units: the RMS, which a few massive
+    # coordinates of a residual stream dominate, is another unit and must fail.
+    rms = "torch.stack([torch.cat(v).pow(2).mean().sqrt() for v in values])"
+    fn = _deep_variant(lambda s: s.replace("torch.stack([torch.cat(v).median() for v in values])", rms))
+    result = run("tune_deep", fn)
+    assert "problem:  wrong value" in result.message and "median |coordinate|" in result.message
 
 
 def test_deep_run_that_forgets_reuse_prefix():
