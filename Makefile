@@ -15,7 +15,7 @@
 # Pieces, for use after `make setup`: test-unit, book-build, test-notebooks, test-families,
 # test-exercises, test-site.
 #   make exercises   regenerate exercises/ and solutions/ from exercises/source/
-#   make exercise-times   refresh book/exercise_times.csv (minutes per exercise) from the last book build
+#   make exercise-times   book/exercise_times.csv (minutes per exercise) from the last book build
 #
 # Variables (make VAR=value, or the environment):
 #   BOOK_BUDGET     budget the chapters run at (default ci; gpu for the full runs)
