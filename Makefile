@@ -15,7 +15,7 @@
 # Pieces, for use after `make setup`: test-unit, book-build, test-notebooks, test-families,
 # test-exercises, test-site.
 #   make exercises   regenerate exercises/ and solutions/ from exercises/source/
-#   make exercise-times   book/exercise_times.csv (minutes per exercise) from the last book build
+#   make exercise-times   measure book/exercise_times.csv (minutes per exercise), after book-build
 #
 # Variables (make VAR=value, or the environment):
 #   BOOK_BUDGET     budget the chapters run at (default ci; gpu for the full runs)
@@ -126,11 +126,11 @@ exercises:
 	$(call phase,regenerate exercises/ and solutions/ from exercises/source/)
 	$(ENV) $(PY) -m course_lib.exercises
 
-# The minutes per exercise that book/instructors.md shows, measured in the worked exercises that the
-# last book build executed (papermill's per-cell durations).
+# The minutes per exercise that book/instructors.md shows: each worked notebook's first run after
+# the chapters (scripts/exercise_times.sh); needs the chapters executed (book-build) first.
 exercise-times:
-	$(call phase,minutes per exercise from _build/executed/solutions into book/exercise_times.csv)
-	$(ENV) $(PY) -m course_lib.exercises --times _build/executed/solutions
+	$(call phase,minutes per exercise: worked notebooks run afresh into book/exercise_times.csv)
+	$(ENV) bash scripts/exercise_times.sh
 
 test-site:
 	$(call phase,site tests: the built book in headless Chromium)

@@ -98,12 +98,6 @@ cp -R "$ROOT/book" "$STAGE/book"
 cp -R "$ROOT/_build/executed/book/." "$STAGE/book/"
 find "$STAGE/book" -name '*.partial.ipynb' -delete
 cp "$ROOT/_toc.yml" "$STAGE/_toc.yml"
-# The instructors' page shows the minutes per exercise measured in this build when it ran the worked
-# exercises at ci, the budget its table is labelled with; otherwise the committed measurement
-# (book/exercise_times.csv, which `make exercise-times` refreshes from a build).
-if [[ "$include" == 1 && "${BOOK_BUDGET:-ci}" == ci && -z "${BOOK_MODEL:-}" ]]; then
-  python -m course_lib.exercises --times "$ROOT/_build/executed/solutions" --out "$STAGE/book/exercise_times.csv"
-fi
 # Files the chapters show with {literalinclude}.
 mkdir -p "$STAGE/scripts"
 cp -R "$ROOT/scripts/cluster" "$STAGE/scripts/cluster"

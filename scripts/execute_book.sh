@@ -3,9 +3,8 @@
 # _build/executed/<same path>.ipynb, then the worked exercises (solutions/NN_*.ipynb, unless
 # EXECUTE_SOLUTIONS=0), and print how long each took. The site is built from these executed
 # notebooks (scripts/build_book.sh); nbval re-runs the chapters (make test-notebooks). The worked
-# exercises run after the chapters, whose results caches make their experiments cheap; papermill
-# records each cell's duration, from which `python -m course_lib.exercises --times` measures the
-# minutes per exercise that the instructors' page shows.
+# exercises run after the chapters, whose cached results their experiments reuse
+# (scripts/exercise_times.sh measures their minutes per exercise the same way).
 #
 # BOOK_MODEL=<name> executes the chapters on another model (papermill sets the chapters' MODEL)
 # into _build/executed-<name>/ instead: `make test-families` runs them on a tiny random model of
