@@ -1,27 +1,34 @@
 # The project's commands. They work on a fresh machine: each main target first runs
-# scripts/setup.sh, which creates ./.venv and installs the pins (about a second when that is done).
+# scripts/setup.sh, which creates ./.venv and installs the locked versions of constraints.txt (about a
+# second when that is done).
 #
 #   make book     execute the chapters at the `ci` budget on the offline default model and build
 #                 the site into _build/html (incremental; `make book CLEAN=1` starts from an empty _build)
-#   make test     the full test suite: unit tests (the `gemma` ones included), the book build
-#                 (chapters executed by papermill), nbval over the executed chapters, every chapter
-#                 executed on a tiny model of each family (masked, seq2seq, causal), the site
-#                 tests in headless Chromium.
+#   make test     the full test suite: unit tests (the `gemma` ones included), actionlint over the
+#                 GitHub workflows, the book build (chapters executed by papermill), nbval over the
+#                 executed chapters, every chapter executed on a tiny model of each family (masked,
+#                 seq2seq, causal), the exercises, the grading exports through nbgrader and
+#                 otter-grader, a Colab-like venv running chapter 1 from its own install cell, the
+#                 unit tests at the declared lower bounds, pip resolutions for every Python version
+#                 claimed, and the site tests in headless Chromium.
 #                 CI runs exactly this (.ci/run).
 #   make bench    python -m course_lib bench   (BENCH_ARGS="..." for its options)
 #   make clean    remove _build/ and test caches (keeps .venv, node_modules, results/, runs/)
 #   make distclean   clean, and remove .venv and node_modules too
 #
-# Pieces, for use after `make setup`: test-unit, book-build, test-notebooks, test-families,
-# test-exercises, test-site.
+# Pieces, for use after `make setup`: test-unit, test-workflows, book-build, test-notebooks,
+# test-families, test-exercises, test-grading, test-colab, test-lower-bounds, test-pythons, test-site.
 #   make exercises   regenerate exercises/ and solutions/ from exercises/source/
 #   make exercise-times   measure book/exercise_times.csv (minutes per exercise), after book-build
+#   make release TAG=vX.Y.Z [URL=...]   set the release students install, in every copy (scripts/set_release.py)
+#   make lock        re-resolve constraints.txt, keeping locked versions (scripts/lock.py; UPGRADE="pkg ...")
 #
 # Variables (make VAR=value, or the environment):
 #   BOOK_BUDGET     budget the chapters run at (default ci; gpu for the full runs)
 #   CLEAN           1: build the book from an empty _build/ (default 0: re-use jupyter-cache)
 #   HF_HUB_OFFLINE  default 1 for the book build: chapters use the models packaged on PyPI
 #   PYTEST_ARGS     extra arguments for the unit-test run
+#   TORCH_LOWER     torch for test-lower-bounds (default 2.13.0, on disk; 2.10.0 is the real bound, ~4 GB)
 # COURSE_LIB_DATA defaults to ../shared/data when that folder exists (scripts/env.sh).
 
 SHELL := /bin/bash
@@ -41,14 +48,17 @@ CLEAN ?= 0
 HF_HUB_OFFLINE ?= 1
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+TORCH_LOWER ?= 2.13.0
+UPGRADE ?=
 
 # Source the environment defaults (COURSE_LIB_DATA) in the recipe line's shell.
 ENV := . scripts/env.sh;
 # A timestamped banner for each phase (no commas or quotes in the text).
 phase = @echo "==> [$$(date '+%Y-%m-%d %H:%M:%S')] $(1)"
 
-.PHONY: help setup setup-book setup-test book book-build test test-unit test-notebooks test-families test-exercises exercises exercise-times test-site \
-        bench clean distclean
+.PHONY: help setup setup-book setup-test book book-build test test-unit test-notebooks test-families test-exercises \
+        exercises exercise-times test-site test-workflows test-grading test-colab test-lower-bounds test-pythons release \
+        lock bench clean distclean
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -87,12 +97,38 @@ book-build:
 # Tests. Every pytest run here fails the target on any non-zero exit, 5 (no tests collected)
 # included: never wrap these in `|| true` or turn exit 5 into success.
 # ---------------------------------------------------------------------------------------------
-test: setup-test test-unit book-build test-notebooks test-families test-exercises test-site
+test: setup-test test-unit test-workflows book-build test-notebooks test-families test-exercises test-grading \
+      test-colab test-lower-bounds test-pythons test-site
 	$(call phase,make test: all phases passed)
 
 test-unit:
 	$(call phase,unit tests: pytest -m not-site over tests/ incl. the gemma marker)
-	$(ENV) $(PY) -m pytest -q -m "not site and not notebooks" $(PYTEST_ARGS)
+	$(ENV) $(PY) -m pytest -q -m "not site and not notebooks and not grading" $(PYTEST_ARGS)
+
+# actionlint (from the lock) checks every workflow: syntax, expressions, the inputs of each action at
+# the version used, retired action versions, and the run: scripts with shellcheck (Debian's).
+test-workflows:
+	$(call phase,workflows: actionlint over .github/workflows)
+	$(VENV)/bin/actionlint -version | head -n1
+	$(VENV)/bin/actionlint -verbose .github/workflows/*.yml
+
+# nbgrader and otter-grader on the exports: every chapter generated; one graded twice by each tool.
+test-grading:
+	$(call phase,grading: the exports through nbgrader and otter-grader)
+	$(ENV) $(PY) -m pytest -q -m grading tests/test_grading_tools.py
+
+# A fresh venv with Colab's versions; chapter 1 and its worked exercises from their own install cell.
+test-colab:
+	$(call phase,Colab-like venv: chapter 1 and its exercises installed by their own first cell)
+	$(ENV) bash scripts/colab_check.sh
+
+test-lower-bounds:
+	$(call phase,unit tests at the declared lower bounds (torch $(TORCH_LOWER)))
+	TORCH_LOWER='$(TORCH_LOWER)' bash scripts/lower_bounds.sh
+
+test-pythons:
+	$(call phase,pip resolutions for every Python version README claims)
+	bash scripts/check_pythons.sh
 
 # nbval re-executes every executed chapter and compares the outputs of the cells tagged
 # `nbval-check-output` (rounded key numbers) with those of the papermill run. Results cached by
@@ -132,6 +168,14 @@ exercise-times:
 	$(call phase,minutes per exercise: worked notebooks run afresh into book/exercise_times.csv)
 	$(ENV) bash scripts/exercise_times.sh
 
+release:
+	$(call phase,set the release in _config.yml and write it into every copy)
+	$(PY) scripts/set_release.py $(if $(TAG),--tag $(TAG)) $(if $(URL),--url $(URL))
+
+lock:
+	$(call phase,re-resolve constraints.txt (the lock) and environment.yml)
+	$(PY) scripts/lock.py $(if $(UPGRADE),--upgrade $(UPGRADE))
+
 test-site:
 	$(call phase,site tests: the built book in headless Chromium)
 	$(ENV) $(PY) -m pytest tests/site -q
@@ -152,4 +196,4 @@ clean:
 	  -type d \( -name __pycache__ -o -name .ipynb_checkpoints \) -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf .venv node_modules
+	rm -rf .venv .venv-colab .venv-lower node_modules

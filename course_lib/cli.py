@@ -1,4 +1,4 @@
-"""Command line: ``python -m course_lib probe|tune|reproduce|merge|models|bench``.
+"""Command line: ``python -m course_lib probe|tune|reproduce|merge|models|bench|download``.
 
 Each command calls the same function a notebook would, prints the per-relation table and a
 micro/macro summary, and writes a CSV in the common results format.
@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = _subparser(sub, "bench", "run the benchmarks in bench/ and write a markdown report")
     b.add_argument("--out", type=_path, default="_build/bench", help="folder for the report")
     b.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+
+    from .prefetch import add_command as add_download
+
+    add_download(sub)
     return parser
 
 
@@ -386,6 +390,10 @@ def _run(args: argparse.Namespace) -> int:
 
         print(model_listing())
         return 0
+    if args.command == "download":
+        from .prefetch import run as download
+
+        return download(args)
     if args.command == "bench":
         from .bench import run_all
 

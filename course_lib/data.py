@@ -72,7 +72,13 @@ PROMPT_SETS: dict[str, str] = {
 
 
 def cache_dir() -> Path:
-    """Per-user cache for data, converted models and results (XDG_CACHE_HOME honoured)."""
+    """Per-user cache for data, converted models and results.
+
+    ``COURSE_LIB_CACHE`` names it outright (on Colab, a Google Drive folder that outlives the VM:
+    ``course_lib.install.use_drive``); else ``$XDG_CACHE_HOME/course_lib`` or ``~/.cache/course_lib``.
+    """
+    if os.environ.get("COURSE_LIB_CACHE"):
+        return Path(os.environ["COURSE_LIB_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "course_lib"
 

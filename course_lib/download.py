@@ -12,6 +12,8 @@ Environment variables:
 
 * ``COURSE_LIB_DATA_URL_BASE``: if set, every file is fetched from ``<base>/<relative path>``
   instead of its upstream URL: for mirrors, and for tests (``file:///path/to/shared/data``).
+* neither that nor an explicit URL: the file comes with its source's archive (``course_lib.archives``,
+  ``COURSE_LIB_ARCHIVE_URL_BASE``), and only if that cannot be had from its own upstream URL.
 * ``COURSE_LIB_DATA``: not read here; ``course_lib.data`` uses it to read a local copy of the
   data folder instead of downloading. Error messages suggest it.
 """
@@ -230,7 +232,7 @@ def fetch_file(
 
     If the file is already there with the registry's sha256 nothing is downloaded. Otherwise it
     is downloaded from ``url`` if given, else from ``$COURSE_LIB_DATA_URL_BASE/relpath`` if that
-    is set, else from the registry's URL (then its ``alt`` URLs, if any). Raises
+    is set, else with its source's archive, else from the registry's URL (then its ``alt`` URLs). Raises
     ``UnknownDataFile`` (a ValueError) for a path the registry lacks, ``ChecksumMismatch`` if the
     downloaded bytes are wrong, ``DataNotFound`` if no URL works.
     """
@@ -250,6 +252,13 @@ def fetch_file(
         stale = True  # wrong bytes at the destination: replaced below, or removed if no good copy can be had
         warnings.warn(f"the cached copy of {rel} at {dest} does not match its sha256 in {REGISTRY_FILE} (edited or "
                       "damaged since it was downloaded); downloading it again", RuntimeWarning, stacklevel=2)
+
+    if url is None and not os.environ.get(URL_BASE_ENV):
+        # One archive per source instead of hundreds of single files (course_lib.archives).
+        from .archives import fetch_from_archive
+
+        if (got := fetch_from_archive(rel, dest_root, registry=reg, progress=progress)) is not None:
+            return got
 
     urls = _candidate_urls(rel, entry, url)
     if not urls:

@@ -42,6 +42,7 @@ MD_BEGIN, MD_END = "<!-- BEGIN SOLUTION -->", "<!-- END SOLUTION -->"
 DEFAULT_HINT = "write your solution here"
 ANSWER_STUB = "*Your answer here.*"
 HIDE_TAG = "hide-input"
+INSTALL_TAG = "colab-install"  # the install cell (written by scripts/set_release.py)
 CHECK_CALL = re.compile(r"^(?P<indent>\s*)(?P<call>(?:checks\.)?check_(?P<name>\w+)\((?P<args>.*)\))\s*$")
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 EXERCISE_HEADER = re.compile(r"^## Exercise (\d+)\.(\d+): (.+) \((implement|experiment|in words)\)\s*$", re.M)
@@ -195,6 +196,8 @@ def versions(source_nb: dict[str, Any], name: str) -> Versions:
             tags = so_meta.setdefault("tags", [])
             if HIDE_TAG not in tags:
                 tags.append(HIDE_TAG)
+        if INSTALL_TAG in meta.get("tags", []):  # its Colab link names the version it sits in
+            so = [line.replace(f"/{STUDENT_DIR}/{stem}.ipynb", f"/{SOLUTION_DIR}/{stem}.ipynb") for line in so]
         student_cells.append(_cell(ctype, cell["id"], st, meta))
         solution_cells.append(_cell(ctype, cell["id"], so, so_meta))
         if index == 0:  # after the title: say which version this is
@@ -435,7 +438,11 @@ test = {{
 }}
 '''
 
-REQUIREMENTS = "course_lib[book] @ git+https://github.com/learning-how-to-ask/course@main\n"
+def otter_requirements() -> str:
+    """The requirements.txt of an otter assignment: course_lib at the release students install."""
+    from .release import install_spec
+
+    return install_spec("notebook") + "\n"
 
 
 def export(kind: str, dest: Path, root: Path = ROOT) -> list[Path]:
@@ -462,7 +469,7 @@ def export(kind: str, dest: Path, root: Path = ROOT) -> list[Path]:
                 test = folder / "tests" / f"{fn}.py"
                 test.write_text(OK_TEST.format(name=fn, code=code), encoding="utf-8")
                 written.append(test)
-            (folder / "requirements.txt").write_text(REQUIREMENTS, encoding="utf-8")
+            (folder / "requirements.txt").write_text(otter_requirements(), encoding="utf-8")
             written.append(folder / "requirements.txt")
         else:
             raise ValueError(f"unknown export {kind!r}; valid: nbgrader, otter")

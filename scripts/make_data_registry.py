@@ -3,7 +3,7 @@
 
 Usage::
 
-    python scripts/make_data_registry.py [DATA_DIR] [--out PATH]
+    python scripts/make_data_registry.py [DATA_DIR] [--out PATH] [--archives DIR]
 
 DATA_DIR defaults to ``$COURSE_LIB_DATA`` or else ``<repo>/../shared/data``. Every file under it
 gets an entry keyed by its path relative to DATA_DIR (forward slashes)::
@@ -18,6 +18,11 @@ repository (its file listing), false where the path is our best guess. The index
 distinct file only once, so byte-identical copies (e.g. soft-prompts' trex_mine/ = LPAQA's
 mine/) are missing from it; for those, ``alt`` lists the verified URL of an identical file.
 The checksum, not the URL, is what guarantees a download is the right file.
+
+The registry also lists the data archives, one per public source (``ARCHIVES``), built
+reproducibly by ``course_lib.archives.build`` from the files whose URL points into that source's
+repository: ``"archives": {name: {"sha256", "size", "repo", "files"}}``. ``--archives DIR`` also
+writes them into DIR, to be attached to the release (see .github/workflows/release-data.yml).
 """
 
 from __future__ import annotations
@@ -78,6 +83,15 @@ NOTES = {
 }
 PROJECT_NOTE = "written for this project; not published upstream (copy it from shared/data)"
 
+# Archive name -> the GitHub repository whose files it holds (course_lib.archives.archive_of).
+ARCHIVES = {
+    "soft-prompts.tar.gz": "hiaoxui/soft-prompts",
+    "lpaqa.tar.gz": "jzbjyb/LPAQA",
+    "autoprompt.tar.gz": "ucinlp/autoprompt",
+    "optiprompt.tar.gz": "princeton-nlp/OptiPrompt",
+    "pararel.tar.gz": "yanaiela/pararel",
+}
+
 
 def default_data_dir() -> Path:
     env = os.environ.get("COURSE_LIB_DATA")
@@ -136,16 +150,62 @@ def build(data_dir: Path) -> dict:
                 e["alt"] = alts
     for rel in unmapped:
         print(f"warning: no upstream URL known for {rel}", file=sys.stderr)
-    return {"version": 1, "files": files}
+    return {"version": 1, "archives": {name: {"repo": repo} for name, repo in ARCHIVES.items()}, "files": files}
+
+
+def archive_members(registry: dict) -> dict[str, list[str]]:
+    """Archive name -> the registry files whose URL points into its repository."""
+    out: dict[str, list[str]] = {name: [] for name in registry["archives"]}
+    by_repo = {a["repo"]: name for name, a in registry["archives"].items()}
+    for rel, e in registry["files"].items():
+        url = e.get("url") or ""
+        if url.startswith(RAW + "/"):
+            name = by_repo.get("/".join(url[len(RAW) + 1:].split("/")[:2]))
+            if name:
+                out[name].append(rel)
+    return out
+
+
+def add_archives(registry: dict, data_dir: Path, out_dir: Path | None) -> None:
+    """Build each archive (in memory; into out_dir too if given) and record its sha256 and size."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's course_lib
+    from course_lib.archives import build as build_archive
+
+    for name, members in archive_members(registry).items():
+        blob = build_archive(data_dir, members)
+        registry["archives"][name].update(sha256=hashlib.sha256(blob).hexdigest(), size=len(blob), files=len(members))
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / name).write_bytes(blob)
+
+
+def differences(made: dict, packaged: dict) -> list[str]:
+    """What a data folder gives that the packaged registry does not say (the archives, every file's entry).
+
+    The project's own notes (files with no public URL) may be absent from the folder: a copy
+    downloaded from the sources does not have them, and no archive holds them.
+    """
+    out = [f"archive {n}: {made['archives'].get(n)} != {a}" for n, a in packaged["archives"].items()
+           if made["archives"].get(n) != a]
+    for rel, entry in packaged["files"].items():
+        if rel not in made["files"]:
+            if entry.get("url"):
+                out.append(f"{rel}: missing from the data folder")
+        elif made["files"][rel] != entry:
+            out.append(f"{rel}: {made['files'][rel]} != {entry}")
+    out += [f"{rel}: not in the registry" for rel in made["files"] if rel not in packaged["files"]]
+    return out
 
 
 def write(registry: dict, out: Path) -> None:
     # One entry per line: small, and diffs stay readable.
     lines = [f"{json.dumps(k)}: {json.dumps(v, sort_keys=True, ensure_ascii=False)}"
              for k, v in registry["files"].items()]
-    text = '{"version": %d, "files": {\n' % registry["version"] + ",\n".join(lines) + "\n}}\n"
+    archives = [f"{json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in registry["archives"].items()]
+    text = ('{"version": %d, "archives": {\n' % registry["version"] + ",\n".join(archives) + "\n},\n"
+            '"files": {\n' + ",\n".join(lines) + "\n}}\n")
     json.loads(text)  # sanity check
-    tmp = out.with_suffix(".json.tmp")
+    tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out)
 
@@ -155,18 +215,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("data_dir", nargs="?", type=Path, default=None)
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).resolve().parents[1] / "course_lib" / "data_registry.json")
+    ap.add_argument("--archives", type=Path, default=None,
+                    help="also write the data archives into this folder (default: only record their sha256)")
+    ap.add_argument("--check", action="store_true",
+                    help="write no registry; exit 1 if the data folder gives another one (default: write it)")
     args = ap.parse_args(argv)
     data_dir = (args.data_dir or default_data_dir()).resolve()
     if not data_dir.is_dir():
         ap.error(f"{data_dir} is not a folder (give the data folder or set COURSE_LIB_DATA)")
     registry = build(data_dir)
+    add_archives(registry, data_dir, args.archives)
+    if args.check:
+        problems = differences(registry, json.loads(args.out.read_text(encoding="utf-8")))
+        for p in problems:
+            print(f"differs: {p}")
+        print(f"{args.out}: {'DIFFERS FROM' if problems else 'matches'} what {data_dir} gives"
+              + (f"; archives written to {args.archives}" if args.archives else ""))
+        return 1 if problems else 0
     write(registry, args.out)
     files = registry["files"].values()
     n_ver = sum(e["verified"] for e in files)
     n_url = sum(e["url"] is not None for e in files)
     print(f"{args.out}: {len(files)} files, {n_url} with URL ({n_ver} verified, "
           f"{sum('alt' in e for e in files)} with a verified alternative), "
-          f"{args.out.stat().st_size:,} bytes")
+          f"{args.out.stat().st_size:,} bytes; archives: "
+          + ", ".join(f"{n} ({a['files']} files, {a['size']:,} bytes)" for n, a in registry["archives"].items()))
     return 0
 
 

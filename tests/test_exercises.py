@@ -184,8 +184,8 @@ def test_notebook_structure(chapter):
     n = int(chapter[:2])
     assert cells[0]["cell_type"] == "markdown" and text(cells[0]).startswith(f"# Exercises {n}: ")
     assert cells[1]["metadata"].get("tags") == ["colab-install"]
-    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
-    assert f"course_lib[book] @ git+{repo}@main" in text(cells[1])
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    assert f"git+{repo['url']}@{repo['branch']}" in text(cells[1])  # the release tag (tests/test_release.py)
     assert cells[2]["metadata"].get("tags") == ["parameters"]
     assert re.search(r'^MODEL = "gemma-3-270m"', text(cells[2]), re.M)
     assert re.search(r'^BUDGET = os\.environ\.get\("BOOK_BUDGET", "ci"\)', text(cells[2]), re.M)

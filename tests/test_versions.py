@@ -1,14 +1,16 @@
-"""Every version the project depends on is pinned exactly, in agreement everywhere, and installed.
+"""Versions: ranges in pyproject.toml, exact versions in ONE lock (constraints.txt), and both agree.
 
-pyproject.toml is the single source of truth. Checked here:
-
-* every requirement of pyproject.toml (dependencies and every optional-dependencies extra) is an
-  exact ``==`` pin;
-* environment.yml's ``pip:`` list holds exactly those pins, no more, no fewer;
-* tests/site/REQUIREMENTS.txt and scripts/setup.sh's ``--no-deps`` pins are exact too;
+* pyproject.toml declares compatible ranges: every requirement has a lower bound (``>=``), none is
+  an exact pin (a user's environment, Colab's above all, is kept wherever it is in range);
+* constraints.txt pins every package exactly, once; each of pyproject's requirements is locked at
+  a version inside its range;
+* environment.yml's ``pip:`` list repeats the lock's versions of pyproject's requirements, no more,
+  no fewer; tests/site/REQUIREMENTS.txt and scripts/setup.sh's --no-deps packages agree with the lock;
 * the JavaScript of package.json is pinned to exact versions, and package-lock.json agrees;
-* .github/workflows/book-gpu.yml installs the torch version that pyproject.toml pins;
-* the installed version of every pinned package equals its pin, so a drifted virtualenv fails
+* the GitHub workflows install through scripts/setup.sh (the lock), never a version of their own;
+* the Python versions that pyproject.toml's classifiers list are the ones README.md claims and the
+  ones `make test-pythons` resolves;
+* the installed version of every locked package equals the lock, so a drifted virtualenv fails
   here, naming the package (a local build label such as ``2.13.0+cpu`` satisfies ``==2.13.0``).
 """
 
@@ -29,18 +31,20 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
+LOCK = ROOT / "constraints.txt"
 ENVIRONMENT = ROOT / "environment.yml"
 SITE_REQUIREMENTS = ROOT / "tests" / "site" / "REQUIREMENTS.txt"
 SETUP_SH = ROOT / "scripts" / "setup.sh"
 PACKAGE_JSON = ROOT / "package.json"
 PACKAGE_LOCK = ROOT / "package-lock.json"
-GPU_WORKFLOW = ROOT / ".github" / "workflows" / "book-gpu.yml"
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+README = ROOT / "README.md"
 
 FIX_HINT = "re-run `bash scripts/setup.sh` (FORCE=1 to re-run pip), or `make setup`"
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading the pins
+# Reading the files
 # ------------------------------------------------------------------------------------------------
 
 
@@ -48,32 +52,18 @@ def _pyproject() -> dict:
     return tomllib.loads(PYPROJECT.read_text(encoding="utf8"))
 
 
-def pyproject_requirements() -> list[str]:
-    """The project's dependencies and the requirements of every optional-dependencies extra."""
+def pyproject_requirements() -> list[Requirement]:
+    """The project's dependencies and the requirements of every extra, without its self-references."""
     project = _pyproject()["project"]
-    reqs = list(project.get("dependencies", []))
+    reqs = [Requirement(r) for r in project.get("dependencies", [])]
     for extra in project.get("optional-dependencies", {}).values():
-        reqs.extend(extra)
-    return reqs
+        reqs.extend(Requirement(r) for r in extra)
+    return [r for r in reqs if canonicalize_name(r.name) != canonicalize_name(project["name"])]
 
 
-def site_requirements() -> list[str]:
-    lines = SITE_REQUIREMENTS.read_text(encoding="utf8").splitlines()
-    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
-
-
-def no_deps_requirements() -> list[str]:
-    """The pins scripts/setup.sh installs with --no-deps (its NO_DEPS_PINS=(...) line)."""
-    match = re.search(r"^NO_DEPS_PINS=\((.*)\)\s*$", SETUP_SH.read_text(encoding="utf8"), re.M)
-    assert match, f"no NO_DEPS_PINS=(...) line in {SETUP_SH.relative_to(ROOT)}"
-    return re.findall(r'"([^"]+)"', match.group(1))
-
-
-def environment_pip_requirements() -> list[str]:
-    env = yaml.safe_load(ENVIRONMENT.read_text(encoding="utf8"))
-    pip_lists = [d["pip"] for d in env.get("dependencies", []) if isinstance(d, dict) and "pip" in d]
-    assert len(pip_lists) == 1, f"environment.yml must have exactly one `pip:` list, found {len(pip_lists)}"
-    return [str(item) for item in pip_lists[0]]
+def lock_lines() -> list[str]:
+    lines = [line.split("#", 1)[0].strip() for line in LOCK.read_text(encoding="utf8").splitlines()]
+    return [line for line in lines if line]
 
 
 def exact_pin(text: str) -> tuple[str, str] | None:
@@ -83,91 +73,90 @@ def exact_pin(text: str) -> tuple[str, str] | None:
     except Exception:
         return None
     specs = list(req.specifier)
-    if req.url or len(specs) != 1 or specs[0].operator != "==" or specs[0].version.endswith(".*"):
+    if req.url or req.marker or len(specs) != 1 or specs[0].operator != "==" or specs[0].version.endswith(".*"):
         return None
     return canonicalize_name(req.name), specs[0].version
 
 
-def pin_key(text: str) -> str:
-    """A normal form of a requirement for comparing sets (name normalised, extras sorted)."""
-    req = Requirement(text)
-    extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
-    marker = f"; {req.marker}" if req.marker else ""
-    return f"{canonicalize_name(req.name)}{extras}{req.specifier}{marker}"
+def lock() -> dict[str, str]:
+    return dict(p for p in map(exact_pin, lock_lines()) if p)
 
 
-def all_installed_pins() -> list[tuple[str, str, str]]:
-    """(name, pinned version, where) for every pin that must be installed in the project's venv."""
-    out = []
-    for where, reqs in (
-        ("pyproject.toml", pyproject_requirements()),
-        ("tests/site/REQUIREMENTS.txt", site_requirements()),
-        ("scripts/setup.sh --no-deps", no_deps_requirements()),
-    ):
-        for text in reqs:
-            pin = exact_pin(text)
-            if pin is not None:  # non-exact ones fail the tests below
-                out.append((pin[0], pin[1], where))
-    return out
+def site_requirements() -> list[str]:
+    lines = SITE_REQUIREMENTS.read_text(encoding="utf8").splitlines()
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+
+
+def no_deps_names() -> list[str]:
+    """The packages scripts/setup.sh installs with --no-deps (its NO_DEPS=(...) line)."""
+    match = re.search(r"^NO_DEPS=\((.*)\)\s*$", SETUP_SH.read_text(encoding="utf8"), re.M)
+    assert match, f"no NO_DEPS=(...) line in {SETUP_SH.relative_to(ROOT)}"
+    return [canonicalize_name(n) for n in re.findall(r'"([^"]+)"', match.group(1))]
+
+
+def environment_pip_requirements() -> list[str]:
+    env = yaml.safe_load(ENVIRONMENT.read_text(encoding="utf8"))
+    pip_lists = [d["pip"] for d in env.get("dependencies", []) if isinstance(d, dict) and "pip" in d]
+    assert len(pip_lists) == 1, f"environment.yml must have exactly one `pip:` list, found {len(pip_lists)}"
+    return [str(item) for item in pip_lists[0]]
 
 
 # ------------------------------------------------------------------------------------------------
-# Exact pins everywhere
+# pyproject.toml: ranges with tested lower bounds
 # ------------------------------------------------------------------------------------------------
 
 
-def test_pyproject_pins_are_exact():
+def test_pyproject_declares_ranges_with_lower_bounds():
     reqs = pyproject_requirements()
     assert reqs, "pyproject.toml lists no dependencies"
-    loose = [r for r in reqs if exact_pin(r) is None]
-    assert not loose, f"pyproject.toml requirements not pinned with a single exact '==': {loose}"
+    no_lower = [str(r) for r in reqs if not any(s.operator == ">=" for s in r.specifier)]
+    assert not no_lower, f"requirements without a tested lower bound (>=): {no_lower}"
+    exact = [str(r) for r in reqs if any(s.operator in ("==", "===") for s in r.specifier)]
+    assert not exact, f"exact pins belong in constraints.txt, not pyproject.toml: {exact}"
 
 
 def test_pyproject_names_are_unique():
-    names = [canonicalize_name(Requirement(r).name) for r in pyproject_requirements()]
+    names = [canonicalize_name(r.name) for r in pyproject_requirements()]
     dupes = sorted({n for n in names if names.count(n) > 1})
-    assert not dupes, f"pinned more than once in pyproject.toml (dependencies + extras): {dupes}"
-
-
-def test_site_requirements_are_exact():
-    reqs = site_requirements()
-    assert reqs, "tests/site/REQUIREMENTS.txt is empty"
-    loose = [r for r in reqs if exact_pin(r) is None]
-    assert not loose, f"tests/site/REQUIREMENTS.txt lines not pinned with '==': {loose}"
-
-
-def test_no_deps_pins_are_exact():
-    reqs = no_deps_requirements()
-    assert reqs, "scripts/setup.sh has no --no-deps pins"
-    loose = [r for r in reqs if exact_pin(r) is None]
-    assert not loose, f"scripts/setup.sh NO_DEPS_PINS not pinned with '==': {loose}"
-    # environment.yml tells conda users the same command.
-    env_text = ENVIRONMENT.read_text(encoding="utf8")
-    missing = [r for r in reqs if f"--no-deps {r}" not in env_text]
-    assert not missing, f"environment.yml's instructions do not mention `pip install --no-deps` of {missing}"
+    assert not dupes, f"required more than once in pyproject.toml (dependencies + extras): {dupes}"
 
 
 # ------------------------------------------------------------------------------------------------
-# environment.yml repeats pyproject.toml
+# constraints.txt: the one lock
 # ------------------------------------------------------------------------------------------------
 
 
-def test_environment_yml_pins_equal_pyproject():
+def test_lock_pins_are_exact_and_unique():
+    lines = lock_lines()
+    assert len(lines) > 50, "constraints.txt should lock dependencies of dependencies too (python scripts/lock.py)"
+    loose = [line for line in lines if exact_pin(line) is None]
+    assert not loose, f"constraints.txt lines that are not one exact '==' pin: {loose}"
+    names = [exact_pin(line)[0] for line in lines]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    assert not dupes, f"locked more than once: {dupes}"
+
+
+def test_lock_satisfies_every_pyproject_range():
+    locked = lock()
+    missing = [str(r) for r in pyproject_requirements() if canonicalize_name(r.name) not in locked]
+    assert not missing, f"pyproject.toml requirements that constraints.txt does not lock: {missing}"
+    outside = [f"{r} (locked {locked[canonicalize_name(r.name)]})" for r in pyproject_requirements()
+               if not r.specifier.contains(Version(locked[canonicalize_name(r.name)]), prereleases=True)]
+    assert not outside, f"locked versions outside pyproject.toml's ranges: {outside}"
+
+
+def test_environment_yml_repeats_the_lock():
     env_reqs = environment_pip_requirements()
     loose = [r for r in env_reqs if exact_pin(r) is None]
     assert not loose, f"environment.yml pip entries that are not exact '==' pins (no `-e .`, no ranges): {loose}"
-
-    env_keys = [pin_key(r) for r in env_reqs]
-    dupes = sorted({k for k in env_keys if env_keys.count(k) > 1})
-    assert not dupes, f"environment.yml pins these twice: {dupes}"
-
-    want, have = {pin_key(r) for r in pyproject_requirements()}, set(env_keys)
-    only_pyproject, only_env = sorted(want - have), sorted(have - want)
-    assert not (only_pyproject or only_env), (
-        "environment.yml's pip list differs from pyproject.toml (dependencies + all extras):\n"
-        f"  in pyproject.toml, missing or different in environment.yml: {only_pyproject}\n"
-        f"  in environment.yml, not in pyproject.toml:                 {only_env}\n"
-        "pyproject.toml is the source of truth: copy its pins into environment.yml."
+    have = dict(map(exact_pin, env_reqs))
+    assert len(have) == len(env_reqs), "environment.yml pins a package twice"
+    locked = lock()
+    want = {canonicalize_name(r.name): locked.get(canonicalize_name(r.name)) for r in pyproject_requirements()}
+    assert have == want, (
+        "environment.yml's pip list must be constraints.txt's versions of pyproject.toml's requirements:\n"
+        f"  differing or missing in environment.yml: {sorted(set(want.items()) - set(have.items()))}\n"
+        f"  not expected in environment.yml:         {sorted(set(have.items()) - set(want.items()))}"
     )
 
 
@@ -180,8 +169,47 @@ def test_environment_yml_python_fits_pyproject():
     assert Version(version) in requires, f"environment.yml's python={version} is outside requires-python {requires}"
 
 
+def test_site_requirements_and_no_deps_packages_agree_with_the_lock():
+    locked = lock()
+    reqs = site_requirements()
+    assert reqs, "tests/site/REQUIREMENTS.txt is empty"
+    loose = [r for r in reqs if exact_pin(r) is None]
+    assert not loose, f"tests/site/REQUIREMENTS.txt lines not pinned with '==': {loose}"
+    differ = [r for r in reqs if locked.get(exact_pin(r)[0]) != exact_pin(r)[1]]
+    assert not differ, f"tests/site/REQUIREMENTS.txt differs from constraints.txt (python scripts/lock.py): {differ}"
+    unlocked = [n for n in no_deps_names() if n not in locked]
+    assert no_deps_names() and not unlocked, f"scripts/setup.sh --no-deps packages not locked: {unlocked}"
+    env_text = ENVIRONMENT.read_text(encoding="utf8")
+    missing = [n for n in no_deps_names() if f"--no-deps {n}=={locked[n]}" not in env_text]
+    assert not missing, f"environment.yml's instructions do not mention `pip install --no-deps` of {missing}"
+
+
 # ------------------------------------------------------------------------------------------------
-# JavaScript and CI pins
+# Python versions: classifiers = README's claim (`make test-pythons` resolves each)
+# ------------------------------------------------------------------------------------------------
+
+
+def claimed_pythons() -> list[str]:
+    prefix = "Programming Language :: Python :: "
+    return [c[len(prefix):] for c in _pyproject()["project"].get("classifiers", [])
+            if c.startswith(prefix) and re.fullmatch(r"3\.\d+", c[len(prefix):])]
+
+
+def test_python_versions_agree_everywhere():
+    versions = claimed_pythons()
+    assert versions, "pyproject.toml's classifiers name no Python 3.x version"
+    requires = SpecifierSet(_pyproject()["project"]["requires-python"])
+    assert all(Version(v) in requires for v in versions), f"{versions} vs requires-python {requires}"
+    assert Version(f"{min(map(Version, versions))}") == Version(str(requires).removeprefix(">=")), (
+        "requires-python's lower bound must be the oldest Python version claimed")
+    match = re.search(r"^Python versions: (3\.\d+(?:(?:, | and )3\.\d+)*)", README.read_text(encoding="utf8"), re.M)
+    assert match, "README.md must have a line `Python versions: 3.x, 3.y and 3.z ...`"
+    said = sorted(set(re.findall(r"3\.\d+", match.group(1))), key=Version)
+    assert said == sorted(versions, key=Version), f"README says {said}, pyproject.toml's classifiers {versions}"
+
+
+# ------------------------------------------------------------------------------------------------
+# JavaScript and CI
 # ------------------------------------------------------------------------------------------------
 
 EXACT_SEMVER = re.compile(r"^\d+\.\d+\.\d+(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$")
@@ -198,8 +226,8 @@ def test_package_json_versions_are_exact():
 
 def test_package_lock_agrees_with_package_json():
     pkg = json.loads(PACKAGE_JSON.read_text(encoding="utf8"))
-    lock = json.loads(PACKAGE_LOCK.read_text(encoding="utf8"))
-    packages = lock.get("packages", {})
+    lock_js = json.loads(PACKAGE_LOCK.read_text(encoding="utf8"))
+    packages = lock_js.get("packages", {})
     root = packages.get("", {})
     for field in DEPENDENCY_FIELDS:
         assert root.get(field, {}) == pkg.get(field, {}), (
@@ -214,35 +242,31 @@ def test_package_lock_agrees_with_package_json():
     assert not wrong, f"package-lock.json resolves these to other versions (pinned, locked): {wrong}"
 
 
-def test_gpu_workflow_installs_the_pinned_torch():
-    torch_pins = [p for p in (exact_pin(r) for r in pyproject_requirements()) if p and p[0] == "torch"]
-    assert len(torch_pins) == 1, "pyproject.toml must pin torch exactly once"
-    match = re.search(r'^\s*TORCH_VERSION:\s*"?([^"\s]+)"?\s*$', GPU_WORKFLOW.read_text(encoding="utf8"), re.M)
-    assert match, f"no TORCH_VERSION in {GPU_WORKFLOW.relative_to(ROOT)}"
-    assert match.group(1) == torch_pins[0][1], (
-        f"{GPU_WORKFLOW.relative_to(ROOT)} installs torch {match.group(1)}, pyproject.toml pins {torch_pins[0][1]}"
-    )
+def test_workflows_install_through_setup_sh_only():
+    assert WORKFLOWS, "no GitHub workflows"
+    for path in WORKFLOWS:
+        text = path.read_text(encoding="utf8")
+        own = re.findall(r"pip install[^\n]*==", text)
+        assert not own, f"{path.name} pins versions of its own ({own}); install with scripts/setup.sh (the lock)"
+        if "pip install" in text or "setup.sh" in text:
+            assert "scripts/setup.sh" in text, f"{path.name} installs Python packages without scripts/setup.sh"
 
 
 # ------------------------------------------------------------------------------------------------
-# The installed environment matches the pins
+# The installed environment matches the lock
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("name", "pinned", "where"), [pytest.param(*pin, id=pin[0]) for pin in all_installed_pins()]
-)
-def test_installed_version_matches_pin(name, pinned, where):
+@pytest.mark.parametrize(("name", "locked"), sorted(lock().items()))
+def test_installed_version_matches_lock(name, locked):
     try:
         installed = metadata.version(name)
     except metadata.PackageNotFoundError:
-        pytest.fail(f"{name}=={pinned} (pinned in {where}) is not installed: {FIX_HINT}", pytrace=False)
+        pytest.fail(f"{name}=={locked} (constraints.txt) is not installed: {FIX_HINT}", pytrace=False)
     # `==2.13.0` matches 2.13.0+cpu / 2.13.0+cu128 (PEP 440: a local label is ignored when the pin has none).
-    if not SpecifierSet(f"=={pinned}").contains(Version(installed), prereleases=True):
-        pytest.fail(
-            f"{name}: installed {installed}, but {where} pins {pinned} (the environment has drifted): {FIX_HINT}",
-            pytrace=False,
-        )
+    if not SpecifierSet(f"=={locked}").contains(Version(installed), prereleases=True):
+        pytest.fail(f"{name}: installed {installed}, but constraints.txt locks {locked} (the environment has "
+                    f"drifted): {FIX_HINT}", pytrace=False)
 
 
 def test_course_lib_installed_from_this_checkout():
