@@ -19,6 +19,7 @@
 # Pieces, for use after `make setup`: test-unit, test-workflows, book-build, test-notebooks,
 # test-families, test-exercises, test-grading, test-colab, test-lower-bounds, test-pythons, test-site.
 #   make exercises   regenerate exercises/ and solutions/ from exercises/source/
+#   make exercise-times   measure book/exercise_times.csv (minutes per exercise), after book-build
 #   make release TAG=vX.Y.Z [URL=...]   set the release students install, in every copy (scripts/set_release.py)
 #   make lock        re-resolve constraints.txt, keeping locked versions (scripts/lock.py; UPGRADE="pkg ...")
 #
@@ -56,8 +57,8 @@ ENV := . scripts/env.sh;
 phase = @echo "==> [$$(date '+%Y-%m-%d %H:%M:%S')] $(1)"
 
 .PHONY: help setup setup-book setup-test book book-build test test-unit test-notebooks test-families test-exercises \
-        exercises test-site test-workflows test-grading test-colab test-lower-bounds test-pythons release lock bench \
-        clean distclean
+        exercises exercise-times test-site test-workflows test-grading test-colab test-lower-bounds test-pythons release \
+        lock bench clean distclean
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -160,6 +161,12 @@ test-exercises:
 exercises:
 	$(call phase,regenerate exercises/ and solutions/ from exercises/source/)
 	$(ENV) $(PY) -m course_lib.exercises
+
+# The minutes per exercise that book/instructors.md shows: each worked notebook's first run after
+# the chapters (scripts/exercise_times.sh); needs the chapters executed (book-build) first.
+exercise-times:
+	$(call phase,minutes per exercise: worked notebooks run afresh into book/exercise_times.csv)
+	$(ENV) bash scripts/exercise_times.sh
 
 release:
 	$(call phase,set the release in _config.yml and write it into every copy)

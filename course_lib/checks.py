@@ -50,15 +50,18 @@ STRICT_ENV = "COURSE_LIB_CHECKS_STRICT"
 
 # The functions each chapter's exercise notebook asks for; check_<name> checks <name>.
 CHAPTER_CHECKS: dict[str, tuple[str, ...]] = {
-    "01_asking": ("ranks_from_scores", "precision_at_k", "mean_reciprocal_rank"),
-    "02_many_ways_to_ask": ("mixture_log_probs",),
-    "03_soft_prompts": ("gather_prompt_offsets", "cloze_loss"),
-    "04_random_init": ("embedding_mean_std", "random_offsets"),
-    "05_mixtures": ("responsibilities", "em_step", "data_dependent_log_weights"),
-    "06_deep_perturbations": ("add_layer_offset",),
-    "07_reproducing_the_paper": ("micro_macro",),
-    "08_learning_or_recalling": ("majority_p_at_1",),
+    "01_asking": ("ranks_from_scores", "precision_at_k", "mean_reciprocal_rank", "score_by_hand"),
+    "02_many_ways_to_ask": ("mixture_log_probs", "ensemble_log_probs"),
+    "03_soft_prompts": ("gather_prompt_offsets", "cloze_loss", "tune_soft_prompt"),
+    "04_random_init": ("embedding_mean_std", "random_offsets", "random_start"),
+    "05_mixtures": ("responsibilities", "em_step", "data_dependent_log_weights", "tune_mixture"),
+    "06_deep_perturbations": ("add_layer_offset", "deep_delta", "tune_deep"),
+    "07_reproducing_the_paper": ("micro_macro", "bootstrap_intervals"),
+    "08_learning_or_recalling": ("majority_p_at_1", "shuffled_facts", "control_run"),
 }
+# The checks that run a student's whole procedure (a loop, a run) on tiny models: course_lib.run_checks.
+RUN_CHECKS = ("score_by_hand", "ensemble_log_probs", "tune_soft_prompt", "random_start", "tune_mixture", "tune_deep",
+              "control_run")
 
 
 class CheckFailed(AssertionError):
@@ -237,6 +240,17 @@ def _compare(expected: Any, got: Any, labels: Sequence[str] = (), rtol: float = 
                 problem.detail = f"in {name} (element {i} of the result): {problem.detail}".rstrip(": ")
                 return problem
         return None
+    if isinstance(expected, dict):
+        if not isinstance(got, dict) or set(got) != set(expected):
+            keys = ", ".join(map(repr, expected))
+            return _Problem("wrong type", f"expected a dict with the keys {keys}, got {_describe(got)}",
+                            _describe(expected), _describe(got))
+        for key, e in expected.items():
+            problem = _compare(e, got[key], (), rtol, atol)
+            if problem is not None:
+                problem.detail = f"in [{key!r}]: {problem.detail}".rstrip(": ")
+                return problem
+        return None
     if isinstance(expected, torch.Tensor):
         return _compare_tensor(expected, got, rtol, atol)
     if isinstance(expected, float):
@@ -271,20 +285,33 @@ def _report(name: str, case: _Case | None, inputs: str | None, problem: _Problem
 _LIBRARY = os.path.dirname(os.path.abspath(__file__)) + os.sep  # course_lib's own code
 
 
-def _guarded(fn: Callable) -> tuple[Callable, list[str]]:
-    """``fn`` wrapped so that any call into course_lib's own code while it runs is recorded.
+def _guarded(fn: Callable, forbidden: Sequence[str] | None = None) -> tuple[Callable, list[str]]:
+    """``fn`` wrapped so that any call into course_lib's own answer while it runs is recorded.
 
     The library holds an answer to every exercise (its reference implementations, and the
     functions the chapters use). A function that calls them, or is one of them, would pass a
     check without being the student's work: such calls are recorded here and fail the check.
     Only the thread running ``fn`` is watched, and only while ``fn`` itself runs: library code
     the check runs around it (a model whose layer hook calls ``fn``) is not the student's.
+
+    ``forbidden`` None: any code of course_lib counts (an exercise written with torch alone).
+    Otherwise it names the answer's code, as modules or functions ("course_lib.training",
+    "course_lib.soft_prompts.init_random"): an exercise that builds on the library (a tuning loop
+    calls ``ClozeLM.blank_logits``) may call everything else.
     """
     used: list[str] = []
 
+    def answer(frame) -> str | None:
+        if not frame.f_code.co_filename.startswith(_LIBRARY):
+            return None
+        where = f"{frame.f_globals.get('__name__', 'course_lib')}.{frame.f_code.co_qualname}"
+        if forbidden is None or any(where == f or where.startswith(f + ".") for f in forbidden):
+            return where
+        return None
+
     def watch(frame, event, arg):
-        if event == "call" and not used and frame.f_code.co_filename.startswith(_LIBRARY):
-            used.append(f"{frame.f_globals.get('__name__', 'course_lib')}.{frame.f_code.co_name}")
+        if event == "call" and not used and (where := answer(frame)) is not None:
+            used.append(where)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -296,6 +323,14 @@ def _guarded(fn: Callable) -> tuple[Callable, list[str]]:
             sys.setprofile(previous)
 
     return wrapper, used
+
+
+def _own_answer_tip(name: str, forbidden: Sequence[str] | None) -> str:
+    """What to tell a student whose function called the answer (``_guarded``)."""
+    if forbidden is None:
+        return f"write {name} yourself, with torch and Python: the check compares it with course_lib's answer"
+    return (f"write {name} yourself from the library's building blocks (ClozeLM, SoftPrompt, torch); "
+            f"it may not call {', '.join(f for f in forbidden if '.checks' not in f and '._reference' not in f)}")
 
 
 def _finish(result: CheckResult, quiet: bool, strict: bool | None) -> CheckResult:
@@ -321,16 +356,23 @@ def _run(
     hints: Mapping[str, str] | None = None,
     diagnose: Callable[[tuple, Any, Any], str | None] | None = None,
     validate: Callable[[tuple, Any], _Problem | None] | None = None,
+    also_accept: Callable[[tuple], Sequence[Any]] | None = None,
+    forbidden: Sequence[str] | None = None,
     rtol: float = 1e-4,
     atol: float = 1e-5,
     quiet: bool = False,
     strict: bool | None = None,
 ) -> CheckResult:
+    """Run ``fn`` on every case and compare with ``reference`` (see the module docstring).
+
+    ``also_accept(args)`` lists other results that are right too (a convention the library adds,
+    such as EM's weight floor); ``forbidden`` names the code that is the answer (``_guarded``).
+    """
     hints = dict(hints or {})
     if not callable(fn):
         problem = _Problem("wrong type", f"check_{name} needs the function itself, got {_type_name(fn)}")
         return _finish(CheckResult(name, False, _report(name, None, None, problem, f"call it as check_{name}({name})")), quiet, strict)
-    student, used = _guarded(fn)
+    student, used = _guarded(fn, forbidden)
     for case in cases:
         expected = case.expected(case.make()) if case.expected else reference(*case.make())
         args = case.make()
@@ -347,7 +389,7 @@ def _run(
             return _finish(CheckResult(name, False, _report(name, case, shown, problem, case.hint or hint)), quiet, strict)
         if used:
             problem = _Problem("uses course_lib's own answer", f"it called {used[0]}")
-            tip = f"write {name} yourself, with torch and Python: the check compares it with course_lib's answer"
+            tip = _own_answer_tip(name, forbidden)
             return _finish(CheckResult(name, False, _report(name, case, shown, problem, tip)), quiet, strict)
         for arg_name, b, a in zip(case.names, before, args):
             if not _same(b, a):
@@ -356,6 +398,9 @@ def _run(
                 tip = "compute a new result instead: no in-place operations (+=, add_(), x[...] = ...) on the inputs"
                 return _finish(CheckResult(name, False, _report(name, case, shown, problem, tip)), quiet, strict)
         problem = _compare(expected, got, labels, rtol, atol)
+        if problem is not None and problem.kind == "wrong value" and also_accept is not None:
+            if any(_compare(alt, got, labels, rtol, atol) is None for alt in also_accept(case.make())):
+                problem = None
         if problem is None and validate is not None:
             problem = validate(args, got)
         if problem is not None:
@@ -691,24 +736,51 @@ def check_responsibilities(fn, *, quiet: bool = False, strict: bool | None = Non
                 quiet=quiet, strict=strict)
 
 
-def check_em_step(fn, *, quiet: bool = False, strict: bool | None = None) -> CheckResult:
-    """``fn(log_weights [K], gold_log_probs [B, K]) -> (new_log_weights [K], responsibilities [B, K])``."""
-    from .mixture import em_step
+LIBRARY_EM_FLOOR = 1e-8  # course_lib.mixture.m_step_weights's floor on a weight
 
+
+def _reference_em_step(log_weights: torch.Tensor, gold_log_probs: torch.Tensor,
+                       floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Textbook EM (``floor`` 0): r = posterior of each prompt; new pi = mean of r over the facts."""
+    r = torch.softmax(torch.log_softmax(log_weights, dim=-1) + gold_log_probs, dim=-1)
+    pi = r.mean(dim=0)
+    if floor > 0:
+        pi = pi.clamp_min(floor)
+        pi = pi / pi.sum()
+    return torch.log(pi), r
+
+
+def check_em_step(fn, *, floor: float | None = None, quiet: bool = False, strict: bool | None = None) -> CheckResult:
+    """``fn(log_weights [K], gold_log_probs [B, K]) -> (new_log_weights [K], responsibilities [B, K])``.
+
+    Textbook EM is right: a prompt that explains no fact gets weight 0 (log-weight -inf). The
+    library floors each weight at 1e-8 and renormalises (``mixture.m_step_weights``), so that no
+    prompt is switched off for good; by default that answer is accepted too. ``floor=1e-8`` asks
+    for the library's convention, ``floor=0`` for textbook EM only.
+    """
     names = ("log_weights", "gold_log_probs")
+    floor_hint = (f"floor the mean responsibility at {floor:g} and renormalise before the log, so that no prompt's "
+                  "weight becomes exactly 0 (log = -inf) for good" if floor else None)
     cases = [
         _Case("three prompts, five facts", lambda: (torch.zeros(3), torch.log_softmax(_randn(25, 5, 3), -1)), names),
         _Case("weights that are not normalised", lambda: (torch.tensor([1.0, 3.0]), -_randn(26, 4, 2).abs() * 2), names,
               hint="normalise the old weights with torch.log_softmax before the E step"),
         _Case("a prompt that never explains any fact (its log-probs are -10000)",
               lambda: (torch.zeros(3), torch.tensor([[-1.0, -2.0, -1e4], [-0.5, -3.0, -1e4]])), names,
-              hint="floor the mean responsibility at 1e-8 and renormalise (course_lib.mixture.m_step_weights), "
-                   "so that no prompt's weight becomes exactly 0 (log = -inf) for good"),
+              hint=floor_hint or "its mean responsibility is 0: take torch.log of it (-inf), never a NaN"),
     ]
-    return _run("em_step", fn, cases, em_step, "course_lib.mixture.em_step",
-                "E step: r = softmax(log_softmax(log_weights) + gold_log_probs); M step: new pi = mean of r over facts "
-                "(floored at 1e-8, renormalised); return (log new pi, r)",
-                labels=("new_log_weights", "responsibilities"),
+    if floor is None:
+        reference = _reference_em_step
+        also = lambda args: [_reference_em_step(*args, floor=LIBRARY_EM_FLOOR)]  # noqa: E731
+        source = "textbook EM (the library's 1e-8 weight floor accepted too)"
+    else:
+        reference = functools.partial(_reference_em_step, floor=floor)
+        also = None
+        source = f"EM with every weight floored at {floor:g}" if floor else "textbook EM"
+    return _run("em_step", fn, cases, reference, source,
+                "E step: r = softmax(log_softmax(log_weights) + gold_log_probs); M step: new pi = mean of r over the "
+                "facts; return (log new pi, r)",
+                labels=("new_log_weights", "responsibilities"), also_accept=also,
                 hints={"wrong type": "return a tuple: (new_log_weights, responsibilities)",
                        "wrong shape": "new_log_weights is [K] (averaged over the facts); responsibilities is [B, K]"},
                 quiet=quiet, strict=strict)
@@ -808,6 +880,66 @@ def check_add_layer_offset(fn, *, quiet: bool = False, strict: bool | None = Non
                 quiet=quiet, strict=strict)
 
 
+def _deep_model_case() -> _Case:
+    from .recipes import DeepOffsets, deep_delta
+    from .templates import Template
+
+    template = Template("[X] was born in [Y] .")
+
+    def setup():
+        lm = _tiny_lm()
+        batch = lm.build_batch([lm.encode_prompt(template)], ["Dante", "Goethe"])
+        T = lm.encode_prompt(template).n_prompt_tokens
+        offsets = _randn(72, lm.n_layers + 1, T, lm.hidden_size)
+        scale = torch.linspace(1.0, 3.0, lm.n_layers + 1)
+        return lm, batch, offsets, scale
+
+    def expected(_args):
+        lm, batch, offsets, scale = setup()
+        with torch.no_grad():
+            return lm.blank_logits(batch, DeepOffsets(offsets, scale, True))
+
+    def call(fn, _args):
+        lm, batch, offsets, scale = setup()
+        with torch.no_grad():
+            return lm.blank_logits(batch, DeepOffsets(offsets, scale, True, delta_fn=fn))
+
+    return _Case("every layer of a tiny Gemma perturbed through course_lib's hooks: the blank's logits",
+                 lambda: (), (), expected=expected, call=call,
+                 describe="tiny-gemma3, '[X] was born in [Y] .', subjects Dante and Goethe, every row, read frozen",
+                 hint="the hooks call delta(row, stream, batch) with batch.slots(stream) and batch.read_index")
+
+
+def check_deep_delta(fn, *, quiet: bool = False, strict: bool | None = None) -> CheckResult:
+    """``fn(offsets [R, T, H], row_scale [R], row, slots [B, S], read_index [B], freeze_read) -> [B, S, H] | None``."""
+    from .recipes import deep_delta
+
+    names = ("offsets", "row_scale", "row", "slots", "read_index", "freeze_read")
+    one = torch.tensor([[-1, 0, 1, 2, 3, -1]])
+    two = torch.tensor([[-1, 0, 1, -1, 2, -1], [-1, -1, 0, 1, -1, 2]])
+    cases = [
+        _Case("row 1 of three, read position on prompt token 3 (a causal LM's last word), frozen",
+              lambda: (_randn(73, 3, 4, 5), torch.tensor([1.0, 2.0, 0.5]), 1, one, torch.tensor([4]), True), names,
+              hint="row i's offset for prompt token p is offsets[i, p] * row_scale[i]; with freeze_read the position "
+                   "read_index[b] of sentence b gets zeros"),
+        _Case("the same, read position tuned (freeze_read False)",
+              lambda: (_randn(73, 3, 4, 5), torch.tensor([1.0, 2.0, 0.5]), 1, one, torch.tensor([4]), False), names),
+        _Case("two padded sentences, row 0, read at a [MASK] (no prompt token there)",
+              lambda: (_randn(74, 2, 3, 4), torch.tensor([1.0, 4.0]), 0, two, torch.tensor([3, 4]), True), names,
+              hint="positions with slot -1 (subject, blank, special tokens, padding) get zeros"),
+        _Case("row 2 of a perturbation with two rows (past the last)",
+              lambda: (_randn(75, 2, 3, 4), torch.ones(2), 2, two, torch.tensor([3, 4]), True), names,
+              hint="return None for a row past the last: the layer is not perturbed"),
+        _deep_model_case(),
+    ]
+    return _run("deep_delta", fn, cases, deep_delta, "course_lib.recipes.deep_delta",
+                "append a zero row to offsets[row] * row_scale[row]; index it with the slots (-1 to the zero row, and "
+                "the read position too when frozen)",
+                hints={"wrong shape": "one vector per position of every sentence: [B, S, H]",
+                       "wrong dtype": "keep the offsets' dtype (float32)"},
+                quiet=quiet, strict=strict)
+
+
 # ---------------------------------------------------------------------------------------------
 # Chapter 7: reproducing the paper (micro and macro averages)
 # ---------------------------------------------------------------------------------------------
@@ -849,20 +981,53 @@ def check_micro_macro(fn, *, quiet: bool = False, strict: bool | None = None) ->
                 quiet=quiet, strict=strict)
 
 
+def _hits(seed: int, n: int, p: float) -> torch.Tensor:
+    return (torch.rand(n, generator=_gen(seed)) < p).long()
+
+
+def check_bootstrap_intervals(fn, *, quiet: bool = False, strict: bool | None = None) -> CheckResult:
+    """``fn(hits list[[n_r] long], n_boot, generator, level) -> {"micro": (lo, hi), "macro": (lo, hi)}``."""
+    from .recipes import bootstrap_intervals
+
+    names = ("hits", "n_boot", "generator", "level")
+    empty = torch.zeros(0, dtype=torch.long)
+    cases = [
+        _Case("three relations of 10, 4 and 25 facts",
+              lambda: ([_hits(60, 10, 0.5), _hits(61, 4, 0.3), _hits(62, 25, 0.8)], 200, _gen(63), 0.95), names,
+              hint="draw each relation's resample with torch.randint(n_r, (n_boot, n_r), generator=generator), "
+                   "relation by relation in the order given; then torch.quantile in float64"),
+        _Case("a relation with no facts (left out of both averages)",
+              lambda: ([_hits(64, 6, 0.5), empty, _hits(65, 9, 0.4)], 150, _gen(66), 0.95), names,
+              hint="skip relations with no facts: no draw for them, and they count in neither average"),
+        _Case("every fact a hit (the interval is a single point)", lambda: ([torch.ones(5, dtype=torch.long)] * 2, 50,
+                                                                            _gen(67), 0.95), names),
+        _Case("a 90% interval", lambda: ([_hits(68, 12, 0.6), _hits(69, 30, 0.2)], 300, _gen(70), 0.9), names,
+              hint="the interval's ends are the (1 - level) / 2 and 1 - (1 - level) / 2 quantiles of the replicates"),
+        _Case("no relation with any fact", lambda: ([empty, empty], 10, _gen(71), 0.95), names,
+              hint="nothing to resample: return NaN for both ends of both intervals"),
+    ]
+    return _run("bootstrap_intervals", fn, cases, bootstrap_intervals, "course_lib.recipes.bootstrap_intervals",
+                "per replicate: every relation's P@1 on a resample of its own facts; micro = mean weighted by facts, "
+                "macro = plain mean; the interval = quantiles of the replicates",
+                hints={"wrong type": "return {'micro': (lo, hi), 'macro': (lo, hi)} with Python floats"},
+                quiet=quiet, strict=strict)
+
+
 # ---------------------------------------------------------------------------------------------
 # Chapter 8: learning or recalling (a majority-class baseline)
 # ---------------------------------------------------------------------------------------------
 def majority_reference(train_objects: Sequence[str], test_objects: Sequence[str]) -> float:
-    """P@1 of always answering the most common training object (alphabetically first on a tie); NaN with no test facts."""
+    """P@1 of always giving the majority answer of the training objects; NaN with no test facts.
+
+    The majority answer is the most frequent object, ties broken alphabetically: the one rule every
+    baseline of the book uses (``evaluation.majority_answer``), so a baseline never depends on the
+    order in which the facts came.
+    """
+    from .evaluation import majority_answer
+
     if len(test_objects) == 0:
         return math.nan
-    if len(train_objects) == 0:
-        return 0.0
-    counts: dict[str, int] = {}
-    for o in train_objects:
-        counts[o] = counts.get(o, 0) + 1
-    top = max(counts.values())
-    guess = min(o for o, c in counts.items() if c == top)
+    guess = majority_answer(train_objects)
     return sum(o == guess for o in test_objects) / len(test_objects)
 
 
@@ -885,6 +1050,32 @@ def check_majority_p_at_1(fn, *, quiet: bool = False, strict: bool | None = None
                 quiet=quiet, strict=strict)
 
 
+def check_shuffled_facts(fn, *, quiet: bool = False, strict: bool | None = None) -> CheckResult:
+    """``fn(facts list[Fact], generator) -> list[Fact]``: each subject with the object of fact perm[b]."""
+    from .data import Fact
+    from .recipes import shuffled_facts
+
+    names = ("facts", "generator")
+    capitals = [("France", "Paris"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Japan", "Tokyo"),
+                ("England", "London")]
+    languages = [("Dante", "Italian"), ("Goethe", "German"), ("Victor Hugo", "French"), ("Voltaire", "French"),
+                 ("Molière", "French"), ("Petrarch", "Italian")]
+    cases = [
+        _Case("five capitals", lambda: ([Fact(*f) for f in capitals], _gen(50)), names,
+              hint="perm = torch.randperm(len(facts), generator=generator); fact b keeps its subject and takes "
+                   "the object of fact perm[b]"),
+        _Case("native languages, some objects shared (an N-1 relation)",
+              lambda: ([Fact(*f) for f in languages], _gen(51)), names),
+        _Case("one fact", lambda: ([Fact("Dante", "Florence")], _gen(52)), names),
+        _Case("no facts", lambda: ([], _gen(53)), names, hint="no facts: return an empty list"),
+    ]
+    return _run("shuffled_facts", fn, cases, shuffled_facts, "course_lib.recipes.shuffled_facts",
+                "draw perm = torch.randperm(len(facts), generator=generator) once; return "
+                "[Fact(facts[b].subject, facts[perm[b]].object) for every b]",
+                hints={"wrong type": "return a list of course_lib.data.Fact, one per fact, in the order given"},
+                quiet=quiet, strict=strict)
+
+
 # ---------------------------------------------------------------------------------------------
 # Grading helpers
 # ---------------------------------------------------------------------------------------------
@@ -893,7 +1084,7 @@ def checks_for(chapter: str) -> dict[str, Callable[..., CheckResult]]:
     key = next((c for c in CHAPTER_CHECKS if c == chapter or c.split("_")[0] == chapter), None)
     if key is None:
         raise ValueError(f"unknown chapter {chapter!r}; valid: {', '.join(CHAPTER_CHECKS)}")
-    return {name: globals()[f"check_{name}"] for name in CHAPTER_CHECKS[key]}
+    return {name: globals().get(f"check_{name}") or __getattr__(f"check_{name}") for name in CHAPTER_CHECKS[key]}
 
 
 def grade(namespace: Mapping[str, Any], chapter: str) -> dict[str, bool]:
@@ -920,6 +1111,16 @@ def outcomes_in_notebook(nb: Any) -> list[tuple[int, str, bool]]:
             for verdict, name in MARKER_RE.findall(text):
                 found.append((i, name, verdict == "PASSED"))
     return found
+
+
+def __getattr__(name: str) -> Any:
+    # The checks of whole procedures live in course_lib.run_checks, which builds on this module:
+    # imported on first use, so that either module can be imported first.
+    if name.startswith("check_") and name[len("check_"):] in RUN_CHECKS:
+        from . import run_checks
+
+        return getattr(run_checks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -4,6 +4,7 @@
     python -m course_lib.exercises --check    # exit 1, listing the files, if the committed ones are out of date
     python -m course_lib.exercises --export nbgrader DIR   # an nbgrader course folder (DIR/source/NN_*/...)
     python -m course_lib.exercises --export otter DIR      # student notebooks + OK-format tests for otter-grader
+    python -m course_lib.exercises --times _build/executed/solutions   # minutes per exercise -> book/exercise_times.csv
 
 The sources are ``exercises/source/NN_<name>.ipynb``. In a code cell, a solution region is the lines
 between ``# BEGIN SOLUTION`` and ``# END SOLUTION`` (nbgrader's own markers), optionally preceded by
@@ -44,6 +45,9 @@ HIDE_TAG = "hide-input"
 INSTALL_TAG = "colab-install"  # the install cell (written by scripts/set_release.py)
 CHECK_CALL = re.compile(r"^(?P<indent>\s*)(?P<call>(?:checks\.)?check_(?P<name>\w+)\((?P<args>.*)\))\s*$")
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+EXERCISE_HEADER = re.compile(r"^## Exercise (\d+)\.(\d+): (.+) \((implement|experiment|in words)\)\s*$", re.M)
+HINT_STEP = re.compile(r"<details><summary>Hint (\d+): [^<]+</summary>")
+TIMES_FILE = Path("book") / "exercise_times.csv"  # the instructors' page shows it
 
 
 class SourceError(ValueError):
@@ -212,6 +216,31 @@ def dumps(nb: dict[str, Any]) -> str:
     return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def load_source(chapter: str, root: Path = ROOT) -> dict[str, Any]:
+    """The source notebook of ``chapter`` ("05_mixtures"), as JSON."""
+    return json.loads((root / SOURCE_DIR / f"{chapter}.ipynb").read_text(encoding="utf-8"))
+
+
+def solution_functions(chapter: str, root: Path = ROOT) -> dict[str, Any]:
+    """The worked version's functions and classes for ``chapter`` ("05_mixtures"), as a student's notebook has them.
+
+    Only each code cell's top-level imports, functions and classes are run, in one fresh namespace
+    (no checks, no experiments, no model), so the tests can hand the worked answers to the checks.
+    """
+    import ast
+
+    solution = versions(load_source(chapter, root), f"{chapter}.ipynb").solution
+    namespace: dict[str, Any] = {"__name__": f"worked_{chapter}"}
+    kinds = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)
+    for cell in solution["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        tree = ast.parse("".join(cell["source"]))
+        tree.body = [node for node in tree.body if isinstance(node, kinds)]
+        exec(compile(tree, f"{chapter}.ipynb", "exec"), namespace)  # noqa: S102 - the project's own notebooks
+    return namespace
+
+
 def sources(root: Path = ROOT) -> list[Path]:
     return sorted((root / SOURCE_DIR).glob("[0-9][0-9]_*.ipynb"))
 
@@ -255,6 +284,89 @@ def write(root: Path = ROOT) -> list[Path]:
             path.write_text(text, encoding="utf-8")
             changed.append(rel)
     return changed
+
+
+# ---------------------------------------------------------------------------------------------
+# Minutes per exercise, measured in executed worked notebooks
+# ---------------------------------------------------------------------------------------------
+TIMES_COLUMNS = ("exercise", "title", "kind", "minutes at ci", "lines of code to write", "hint steps")
+
+
+def _text(cell: dict[str, Any]) -> str:
+    return "".join(cell.get("source", "")) if isinstance(cell.get("source"), list) else cell.get("source", "")
+
+
+def _groups(nb: dict[str, Any]) -> list[tuple[re.Match | None, list[dict[str, Any]]]]:
+    """The notebook's cells by exercise: (header match or None for the cells before the first, cells)."""
+    groups: list[tuple[re.Match | None, list[dict[str, Any]]]] = [(None, [])]
+    for cell in nb["cells"]:
+        m = EXERCISE_HEADER.search(_text(cell)) if cell["cell_type"] == "markdown" else None
+        if m:
+            groups.append((m, []))
+        else:
+            groups[-1][1].append(cell)
+    return groups
+
+
+def _solution_lines(cells: list[dict[str, Any]]) -> int:
+    inside, n = False, 0
+    for cell in cells:
+        if cell["cell_type"] != "code":
+            continue
+        for line in _lines(cell["source"]):
+            if line.strip() in (CODE_BEGIN, CODE_END):
+                inside = line.strip() == CODE_BEGIN
+            elif inside and line.strip():
+                n += 1
+    return n
+
+
+def exercise_times(executed: dict[str, Any], source: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per exercise of an executed worked notebook, and one for the whole notebook.
+
+    The minutes are the sum of papermill's per-cell durations (``metadata.papermill.duration``)
+    over the cells from the exercise's header to the next one: what running that exercise's cells
+    of the worked version took. The whole-notebook row adds the set-up cells before the first
+    exercise (imports, parameters). Lines of code and hint steps come from the source.
+    """
+    seconds = {}
+    for match, cells in _groups(executed):
+        key = f"{match[1]}.{match[2]}" if match else "setup"
+        seconds[key] = sum(float((c.get("metadata", {}).get("papermill") or {}).get("duration") or 0.0) for c in cells)
+    rows, chapter = [], None
+    for match, cells in _groups(source)[1:]:
+        number = f"{match[1]}.{match[2]}"
+        chapter = match[1]
+        if number not in seconds:
+            raise ValueError(f"exercise {number} is not in the executed notebook: execute the current worked version")
+        hints = sum(len(HINT_STEP.findall(_text(c))) for c in cells if c["cell_type"] == "markdown")
+        rows.append({"exercise": number, "title": match[3], "kind": match[4],
+                     "minutes at ci": round(seconds[number] / 60, 2), "lines of code to write": _solution_lines(cells),
+                     "hint steps": hints})
+    title = _text(source["cells"][0]).split(": ", 1)[-1]
+    rows.append({"exercise": f"{chapter} (all)", "title": f"{title}: the whole notebook", "kind": "",
+                 "minutes at ci": round(sum(seconds.values()) / 60, 2),
+                 "lines of code to write": sum(r["lines of code to write"] for r in rows),
+                 "hint steps": sum(r["hint steps"] for r in rows)})
+    return rows
+
+
+def times_table(executed_dir: Path, root: Path = ROOT) -> str:
+    """CSV text of ``exercise_times`` for every chapter, from the executed worked notebooks in ``executed_dir``."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=TIMES_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for src in sources(root):
+        executed = executed_dir / src.name
+        if not executed.is_file():
+            raise FileNotFoundError(f"{executed}: no executed worked notebook (run scripts/execute_book.sh first)")
+        for row in exercise_times(json.loads(executed.read_text(encoding="utf-8")),
+                                  json.loads(src.read_text(encoding="utf-8"))):
+            writer.writerow(row)
+    return out.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,9 +482,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=ROOT, help="the repository root (default: %(default)s)")
     parser.add_argument("--export", choices=["nbgrader", "otter"], help="write a grading-tool folder instead (needs DEST)")
     parser.add_argument("dest", nargs="?", type=Path, help="where --export writes")
+    parser.add_argument("--times", type=Path, metavar="DIR",
+                        help="write the minutes per exercise measured in the executed worked notebooks in DIR")
+    parser.add_argument("--out", type=Path, default=None, help=f"where --times writes (default: {TIMES_FILE})")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     try:
+        if args.times:
+            out = args.out or root / TIMES_FILE
+            out.write_text(times_table(args.times, root), encoding="utf-8")
+            print(f"wrote {out}")
+            return 0
         if args.export:
             if args.dest is None:
                 parser.error("--export needs a destination folder")

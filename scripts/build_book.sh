@@ -15,7 +15,8 @@
 #   2. copy RequireJS, @jupyter-widgets/html-manager (embed-amd.js + its icon fonts), MathJax 3
 #      (es5/) and book/_ext/widgets-offline.js into _build/.offline_static/offline/, the static
 #      folder that _config.yml serves (it lands in _build/html/_static/offline/)
-#   3. papermill: execute the chapters into _build/executed/ (scripts/execute_book.sh)
+#   3. papermill: execute the chapters, then the worked exercises, into _build/executed/
+#      (scripts/execute_book.sh)
 #   4. jupyter-book build of a staged copy with the executed notebooks, -W -n --keep-going
 set -euo pipefail
 
@@ -79,8 +80,13 @@ for f in "$OFF/requirejs/require.js" "$OFF/widgets-offline.js" "$OFF/html-manage
   [[ -s "$f" ]] || { echo "ERROR: missing $f" >&2; exit 1; }
 done
 
-echo "==> executing the chapters with papermill (BOOK_BUDGET=${BOOK_BUDGET:-ci})"
-bash "$ROOT/scripts/execute_book.sh"
+# The exercise pages: the worked solutions (code folded, answers in closed dropdowns), executed like the
+# chapters so that every answer that refers to a result shows it; or, for a course that grades them,
+# the student versions, unexecuted. `course.include_solutions` in _config.yml decides.
+include=$(python -c 'import yaml; c = yaml.safe_load(open("_config.yml")); print(1 if (c.get("course") or {}).get("include_solutions", True) else 0)')
+
+echo "==> executing the chapters (and the worked exercises: $include) with papermill (BOOK_BUDGET=${BOOK_BUDGET:-ci})"
+EXECUTE_SOLUTIONS="$include" bash "$ROOT/scripts/execute_book.sh"
 
 # The site is built from the executed notebooks: a staging copy of the book's sources in which
 # each chapter is replaced by its executed version, built with execution turned off.
@@ -95,12 +101,9 @@ cp "$ROOT/_toc.yml" "$STAGE/_toc.yml"
 # Files the chapters show with {literalinclude}.
 mkdir -p "$STAGE/scripts"
 cp -R "$ROOT/scripts/cluster" "$STAGE/scripts/cluster"
-# The exercise pages: the worked solutions (code folded, answers in closed dropdowns) or, for a
-# course that grades them, the student versions; `course.include_solutions` in _config.yml decides.
-include=$(python -c 'import yaml; c = yaml.safe_load(open("_config.yml")); print(1 if (c.get("course") or {}).get("include_solutions", True) else 0)')
 mkdir -p "$STAGE/exercises"
 if [[ "$include" == 1 ]]; then
-  cp "$ROOT"/solutions/[0-9][0-9]_*.ipynb "$STAGE/exercises/"
+  cp "$ROOT"/_build/executed/solutions/[0-9][0-9]_*.ipynb "$STAGE/exercises/"
 else
   cp "$ROOT"/exercises/[0-9][0-9]_*.ipynb "$STAGE/exercises/"
 fi

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Execute every chapter listed in _toc.yml with papermill at BOOK_BUDGET (default ci) into
-# _build/executed/<same path>.ipynb, and print how long each took. The site is built from these
-# executed notebooks (scripts/build_book.sh) and nbval re-runs them (make test-notebooks).
+# _build/executed/<same path>.ipynb, then the worked exercises (solutions/NN_*.ipynb, unless
+# EXECUTE_SOLUTIONS=0), and print how long each took. The site is built from these executed
+# notebooks (scripts/build_book.sh); nbval re-runs the chapters (make test-notebooks). The worked
+# exercises run after the chapters, whose cached results their experiments reuse
+# (scripts/exercise_times.sh measures their minutes per exercise the same way).
 #
 # BOOK_MODEL=<name> executes the chapters on another model (papermill sets the chapters' MODEL)
 # into _build/executed-<name>/ instead: `make test-families` runs them on a tiny random model of
@@ -41,11 +44,14 @@ def walk(node):
             for child in node.get(key, []) or []:
                 yield from walk(child)
 for f in walk(toc):
-    # Chapters only: exercise pages are shown unexecuted (tests/test_exercises.py runs them).
+    # Chapters only here; the worked exercises follow (their pages are staged from solutions/).
     if f.startswith("book/") and Path(f + ".ipynb").is_file():
         print(f + ".ipynb")
 PY
 )
+if [[ "${EXECUTE_SOLUTIONS:-1}" == "1" ]]; then
+  notebooks+=(solutions/[0-9][0-9]_*.ipynb)
+fi
 times="$OUT/times.tsv"
 failed=()
 : > "$times.new"

@@ -1,10 +1,13 @@
-"""course_lib.checks: every check passes on the reference and fails, specifically, on wrong answers.
+"""course_lib.checks: every check passes on its worked solution and fails, specifically, on wrong answers.
 
-For each check: the library's reference passes; an unfinished stub, a wrong value, a wrong shape,
-a wrong dtype (or type) and an answer that modifies its input in place each fail with a message
-that names the problem. The wrong answers are built from the reference itself, so every check is
-shown able to fail in each of these ways. A function that is, or calls, course_lib's own answer
-fails too (the library holds an answer to every exercise).
+For each check: the solution in solutions/ (the worked notebook's own function) passes; an unfinished
+stub fails as "not implemented yet"; a function that is, or calls, course_lib's own answer fails (the
+library holds an answer to every exercise), while that answer computed in a thread the check does not
+watch passes (only the student's thread is watched, and the checks agree with the library). For the checks of small tensor functions, a wrong value,
+a wrong shape, a wrong dtype (or type) and an answer that modifies its input in place each fail with
+a message that names the problem; the wrong answers are built from the solution itself, so every
+check is shown able to fail in each of these ways. The checks of whole procedures (a tuning loop, a
+run on tiny models) have their own wrong answers in tests/test_run_checks.py.
 """
 
 from __future__ import annotations
@@ -17,44 +20,83 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_lib import checks, evaluation, mixture
+from course_lib import checks, evaluation, exercises, mixture, recipes
+from course_lib.soft_prompts import SoftPrompt, init_random
+
+ALL = [name for names in checks.CHAPTER_CHECKS.values() for name in names]
+CHAPTER_OF = {name: chapter for chapter, names in checks.CHAPTER_CHECKS.items() for name in names}
+_WORKED = {chapter: exercises.solution_functions(chapter) for chapter in checks.CHAPTER_CHECKS}
+SOLUTIONS = {name: _WORKED[CHAPTER_OF[name]][name] for name in ALL}
+# The checks of small functions, whose results are tensors, floats or tuples of them.
+GENERIC = [n for n in ALL if n not in checks.RUN_CHECKS and n not in ("bootstrap_intervals", "shuffled_facts")]
+SCALAR = {"precision_at_k", "mean_reciprocal_rank", "micro_macro", "majority_p_at_1"}  # results that are Python floats
+HINT = "compare each row with its gold answer"
+
+
+def _score_facts_answer(lm, template, facts, batch_size=32):
+    scored = evaluation.score_facts(lm, [template], facts, batch_size=batch_size)
+    return {"kept": scored.kept, "dropped": sum(scored.dropped.values()), **scored.metrics()}
+
+
+def _ensemble_answer(lm, templates, subjects, log_weights):
+    usable = [k for k, t in enumerate(templates) if lm.covers(t)]
+    prompts = [lm.encode_prompt(t) for t in templates]
+    lw = torch.log_softmax(log_weights[usable], 0)
+    if len(usable) == 1:  # the library ranks one prompt by its logits; the exercise asks for its log-probs
+        with torch.no_grad():
+            return lm.blank_log_probs(lm.build_batch([prompts[usable[0]]], list(subjects))).cpu()
+    return evaluation._mixture_log_probs(lm, prompts, usable, list(subjects), lw, None, False)[0]
+
+
+def _init_random_answer(lm, templates, generator, depth=0):
+    soft = SoftPrompt(lm, templates, depth)
+    init_random(soft, lm, generator)
+    return soft
 
 
 def outside(fn):
     """The library's answer as if a student had written it: computed where the check does not look.
 
     A check fails a function that calls into course_lib while it runs (checks._guarded watches the
-    thread running it), so these tests get the right answers from a worker thread.
+    thread running it), so ``outside(fn)`` runs ``fn`` in a worker thread: the check only sees the
+    call from the student's thread, and must then judge the answer on its values alone.
     """
     pool = ThreadPoolExecutor(1)
 
     @functools.wraps(fn)
-    def wrapper(*args):
-        return pool.submit(fn, *args).result()
+    def wrapper(*args, **kwargs):
+        return pool.submit(fn, *args, **kwargs).result()
 
     return wrapper
 
 
+# course_lib's own answer to each exercise: handing it in (or a wrapper of it) must fail.
 LIBRARY = {
     "ranks_from_scores": evaluation.ranks_of,
     "precision_at_k": checks._reference_precision_at_k,
     "mean_reciprocal_rank": lambda ranks: evaluation.metrics_from_ranks(ranks)["mrr"],
+    "score_by_hand": _score_facts_answer,
     "mixture_log_probs": checks._reference_mixture_log_probs,
+    "ensemble_log_probs": _ensemble_answer,
     "gather_prompt_offsets": checks._reference_gather_prompt_offsets,
-    "cloze_loss": lambda logits, gold: F.cross_entropy(logits, gold),
+    "cloze_loss": lambda logits, gold: F.cross_entropy(logits, gold),  # torch's own: no library code to catch
+    "tune_soft_prompt": recipes.tune_soft_prompt,
     "embedding_mean_std": checks._reference_embedding_mean_std,
     "random_offsets": checks._reference_random_offsets,
+    "random_start": _init_random_answer,
     "responsibilities": mixture.responsibilities,
     "em_step": mixture.em_step,
     "data_dependent_log_weights": mixture.data_dependent_log_weights,
+    "tune_mixture": recipes.tune_mixture,
     "add_layer_offset": checks._reference_add_layer_offset,
+    "deep_delta": recipes.deep_delta,
+    "tune_deep": recipes.tune_deep,
     "micro_macro": checks._reference_micro_macro,
+    "bootstrap_intervals": recipes.bootstrap_intervals,
     "majority_p_at_1": checks.majority_reference,
+    "shuffled_facts": recipes.shuffled_facts,
+    "control_run": recipes.control_run,
 }
-REFERENCES = {name: outside(fn) for name, fn in LIBRARY.items()}
-ALL = [name for names in checks.CHAPTER_CHECKS.values() for name in names]
-SCALAR = {"precision_at_k", "mean_reciprocal_rank", "micro_macro", "majority_p_at_1"}  # results that are Python floats
-HINT = "compare each row with its gold answer"
 
 
 def run(name, fn, **kwargs):
@@ -131,19 +173,21 @@ def mutating(ref):
 
 
 # ------------------------------------------------------------------ the tests
-def test_every_check_has_a_reference_here_and_a_function():
+def test_every_check_has_a_solution_a_function_and_a_library_answer():
     assert len(ALL) >= 8 and len(set(ALL)) == len(ALL)
-    assert set(REFERENCES) == set(ALL)
+    assert set(LIBRARY) == set(ALL) and set(checks.RUN_CHECKS) <= set(ALL)
     for name in ALL:
-        assert callable(getattr(checks, f"check_{name}"))
+        assert callable(getattr(checks, f"check_{name}")) and callable(SOLUTIONS[name])
+        assert not SOLUTIONS[name].__module__.startswith("course_lib")
     assert set(checks.CHAPTER_CHECKS) == {f"{i:02d}_{n}" for i, n in enumerate(
         ["asking", "many_ways_to_ask", "soft_prompts", "random_init", "mixtures", "deep_perturbations",
          "reproducing_the_paper", "learning_or_recalling"], start=1)}
+    assert all(len(names) >= 2 for names in checks.CHAPTER_CHECKS.values())  # a small exercise and a larger one
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_reference_passes(name, capsys):
-    result = getattr(checks, f"check_{name}")(REFERENCES[name], strict=False)
+def test_solution_passes(name, capsys):
+    result = getattr(checks, f"check_{name}")(SOLUTIONS[name], strict=False)
     out = capsys.readouterr().out
     assert result.passed, result.message
     assert f"CHECK PASSED: {name}" in out and out.count("\n") == 1, out
@@ -159,9 +203,9 @@ def test_stub_fails_as_not_implemented(name, capsys):
     assert "Traceback" not in out and len(out.splitlines()) <= 3, out
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", GENERIC)
 def test_wrong_value_fails(name):
-    result = run(name, wrong_value(REFERENCES[name]))
+    result = run(name, wrong_value(SOLUTIONS[name]))
     assert not result.passed
     assert f"CHECK FAILED: {name}" in result.message
     assert "problem:  wrong value" in result.message
@@ -169,31 +213,31 @@ def test_wrong_value_fails(name):
     assert "hint:" in result.message
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", GENERIC)
 def test_wrong_shape_fails(name):
-    result = run(name, wrong_shape(REFERENCES[name]))
+    result = run(name, wrong_shape(SOLUTIONS[name]))
     assert not result.passed
     assert "problem:  wrong shape" in result.message, result.message
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", GENERIC)
 def test_wrong_dtype_fails(name):
-    result = run(name, wrong_dtype(REFERENCES[name]))
+    result = run(name, wrong_dtype(SOLUTIONS[name]))
     assert not result.passed
     kind = "wrong type" if name in SCALAR else "wrong dtype"
     assert f"problem:  {kind}" in result.message, result.message
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [*GENERIC, "bootstrap_intervals", "shuffled_facts"])
 def test_in_place_mutation_fails(name):
-    result = run(name, mutating(REFERENCES[name]))
+    result = run(name, mutating(SOLUTIONS[name]))
     assert not result.passed
     assert "problem:  changed its input in place" in result.message, result.message
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_other_exceptions_are_reported_in_one_line(name, capsys):
-    def broken(*args):
+    def broken(*args, **kwargs):
         return [][1]
 
     result = getattr(checks, f"check_{name}")(broken, strict=False)
@@ -231,14 +275,22 @@ def test_sample_std_is_diagnosed():
     assert "in std" in result.message and "correction=0" in result.message
 
 
-def test_em_without_floor_gets_the_floor_hint():
-    def em_no_floor(w, g):
+def test_textbook_em_passes_and_the_floor_is_an_option():
+    def textbook(w, g):
         r = torch.softmax(torch.log_softmax(w, -1) + g, -1)
         return torch.log(r.mean(0)), r
 
-    result = run("em_step", em_no_floor)
-    assert "never explains any fact" in result.message and "1e-8" in result.message
+    def floored(w, g):
+        new, r = textbook(w, g)
+        pi = new.exp().clamp_min(1e-8)
+        return torch.log(pi / pi.sum()), r
+
+    assert run("em_step", textbook).passed and run("em_step", floored).passed  # either, by default
+    assert run("em_step", textbook, floor=0).passed and not run("em_step", floored, floor=0).passed
+    result = run("em_step", textbook, floor=1e-8)
+    assert not result.passed and "never explains any fact" in result.message and "1e-08" in result.message
     assert "in new_log_weights" in result.message and "-inf" in result.message
+    assert run("em_step", floored, floor=1e-8).passed
 
 
 def test_unstable_softmax_is_caught():
@@ -292,7 +344,7 @@ def test_majority_tie_hint():
 
 # ------------------------------------------------------------------ result object, strict mode, grading
 def test_result_is_printed_once_in_a_notebook(capsys):
-    result = checks.check_responsibilities(REFERENCES["responsibilities"])
+    result = checks.check_responsibilities(SOLUTIONS["responsibilities"])
     printed = capsys.readouterr().out
     result._ipython_display_()  # the cell's own echo of its last expression: suppressed
     assert capsys.readouterr().out == ""
@@ -308,14 +360,15 @@ def test_strict_mode_raises_after_printing(monkeypatch, capsys):
     monkeypatch.setenv(checks.STRICT_ENV, "1")
     with pytest.raises(AssertionError):
         checks.check_em_step(stub, quiet=True)
-    assert checks.check_em_step(REFERENCES["em_step"], quiet=True).passed  # a pass never raises
+    assert checks.check_em_step(SOLUTIONS["em_step"], quiet=True).passed  # a pass never raises
 
 
 def test_grade_a_namespace():
-    namespace = {"responsibilities": REFERENCES["responsibilities"], "em_step": stub}
+    namespace = {"responsibilities": SOLUTIONS["responsibilities"], "em_step": stub}
     assert checks.grade(namespace, "05_mixtures") == {
-        "responsibilities": True, "em_step": False, "data_dependent_log_weights": False}
-    assert set(checks.checks_for("05")) == {"responsibilities", "em_step", "data_dependent_log_weights"}
+        "responsibilities": True, "em_step": False, "data_dependent_log_weights": False, "tune_mixture": False}
+    assert set(checks.checks_for("05")) == {"responsibilities", "em_step", "data_dependent_log_weights",
+                                             "tune_mixture"}
     with pytest.raises(ValueError, match="unknown chapter"):
         checks.checks_for("99")
 
@@ -335,7 +388,7 @@ def test_outcomes_in_notebook():
 @pytest.mark.parametrize("name", [n for n in ALL if n != "cloze_loss"])  # cloze_loss's answer is torch's own
 def test_the_library_own_answer_fails(name, capsys):
     """Handing in course_lib's own function, or one that calls it, is not the student's work."""
-    for fn in (LIBRARY[name], lambda *args: LIBRARY[name](*args)):
+    for fn in (LIBRARY[name], lambda *args, **kwargs: LIBRARY[name](*args, **kwargs)):
         result = run(name, fn)
         assert not result.passed and "uses course_lib's own answer" in result.message, result.message
         assert f"write {name} yourself" in result.message
@@ -348,6 +401,14 @@ def test_an_imported_alias_of_the_library_answer_fails():
     result = run("responsibilities", namespace["responsibilities"])
     assert not result.passed and "it called course_lib.mixture.responsibilities" in result.message
     assert checks.grade(namespace, "05_mixtures")["responsibilities"] is False
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_library_answer_computed_outside_the_watched_thread_passes(name):
+    """Only the thread running the student's function is watched, and the checks agree with the
+    library's own answers: course_lib's answer, run in a worker thread, passes every small check."""
+    result = run(name, outside(LIBRARY[name]))
+    assert result.passed, result.message
 
 
 def test_library_code_around_the_student_function_is_not_counted():

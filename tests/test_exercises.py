@@ -13,6 +13,7 @@ catch the unfinished stubs) and every check in it fails.
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -212,6 +213,90 @@ def test_notebook_structure(chapter):
         nbformat.validate(nbformat.from_dict(nb))
 
 
+EXERCISE = re.compile(r"^## Exercise (\d+)\.(\d+): (.+) \((implement|experiment|in words)\)\s*$", re.M)
+HINT_STEP = re.compile(r"<details><summary>Hint (\d+): [^<]+</summary>")
+
+
+def exercise_groups(nb: dict) -> list[dict]:
+    """Each exercise of a notebook: its number, title, kind and cells (from its header to the next one)."""
+    groups: list[dict] = []
+    for cell in nb["cells"]:
+        m = EXERCISE.search(text(cell)) if cell["cell_type"] == "markdown" else None
+        if m:
+            groups.append({"number": f"{m[1]}.{m[2]}", "title": m[3], "kind": m[4], "cells": []})
+        elif groups:
+            groups[-1]["cells"].append(cell)
+    return groups
+
+
+def solution_lines(cell: dict) -> list[str]:
+    """The code lines of a cell's solution regions, without blanks, comments and short lines."""
+    lines, inside = [], False
+    for line in text(cell).splitlines():
+        if line.strip() in (exercises.CODE_BEGIN, exercises.CODE_END):
+            inside = line.strip() == exercises.CODE_BEGIN
+            continue
+        stripped = line.strip()
+        if inside and len(stripped.replace(" ", "")) >= 12 and not stripped.startswith(("#", '"""')):
+            lines.append(stripped)
+    return lines
+
+
+def squash(s: str) -> str:
+    return re.sub(r"\s+", "", s)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_titles_are_the_chapters_titles(chapter):
+    first = text(load(ROOT / "book" / f"{chapter}.ipynb")["cells"][0]).splitlines()[0]
+    m = re.fullmatch(r"# (\d+)\. (.+)", first)
+    assert m, first
+    source = load(ROOT / "exercises" / "source" / f"{chapter}.ipynb")
+    assert text(source["cells"][0]) == f"# Exercises {int(m[1])}: {m[2]}"
+    assert f"`book/{chapter}.ipynb`" in text(source["cells"][3])
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_hints_are_a_ladder_that_never_states_the_answer(chapter):
+    source = load(ROOT / "exercises" / "source" / f"{chapter}.ipynb")
+    student = load(ROOT / "exercises" / f"{chapter}.ipynb")
+    stubs = " ".join(re.findall(r'raise NotImplementedError\((".*?")\)', " ".join(text(c) for c in student["cells"])))
+    for group in exercise_groups(source):
+        if group["kind"] != "implement":
+            continue
+        hints = [text(c) for c in group["cells"] if c["cell_type"] == "markdown" and HINT_STEP.search(text(c))]
+        steps = [int(n) for h in hints for n in HINT_STEP.findall(h)]
+        assert steps and steps == list(range(1, len(steps) + 1)) and len(steps) >= 2, (group["number"], steps)
+        # collapsed: every step is closed (a <details> block, folded in Jupyter, Colab and on the site)
+        assert all(h.count("<details>") == h.count("</details>") for h in hints)
+        shown = squash(" ".join(hints)) + squash(stubs)
+        for cell in group["cells"]:
+            if cell["cell_type"] == "code":
+                for line in solution_lines(cell):
+                    assert squash(line) not in shown, f"exercise {group['number']}: a hint gives the line {line!r}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_an_open_experiment_with_its_uncertainty_and_a_worked_answer_that_shows_its_results(chapter):
+    source = load(ROOT / "exercises" / "source" / f"{chapter}.ipynb")
+    groups = exercise_groups(source)
+    kinds = [g["kind"] for g in groups]
+    assert kinds.count("implement") >= 2 and "experiment" in kinds and "in words" in kinds, kinds
+    open_ = [g for g in groups if g["kind"] == "experiment"
+             and any(c["cell_type"] == "code" and text(c).startswith("# Your choice") for c in g["cells"])]
+    assert open_, f"{chapter}: no experiment where the student picks the setting"
+    solution = load(ROOT / "solutions" / f"{chapter}.ipynb")
+    code = "\n".join(text(c) for c in solution["cells"] if c["cell_type"] == "code")
+    glued = set(re.findall(r'glue\("(\w+)"', code))
+    used = set(re.findall(r"\{glue:\w+\}`(\w+)", "\n".join(text(c) for c in solution["cells"])))
+    assert used <= glued, f"answers refer to results no cell glues: {used - glued}"
+    for group in open_:
+        statement = " ".join(text(c) for c in group["cells"] if c["cell_type"] == "markdown")
+        assert "interval" in statement, f"exercise {group['number']} asks for no uncertainty"
+        answer = [text(c) for c in group["cells"] if "<!-- BEGIN SOLUTION -->" in text(c)]
+        assert answer and "{glue:text}`" in answer[0], f"exercise {group['number']}: the worked answer shows no result"
+
+
 # ------------------------------------------------------------------ executing them (slow)
 def execute(path: Path, out: Path) -> tuple[dict, str]:
     """Run a notebook at the ci budget in its own folder; return it and how long it took (wall, kernel CPU)."""
@@ -227,16 +312,51 @@ def execute(path: Path, out: Path) -> tuple[dict, str]:
     return load(out), f"{time.perf_counter() - start:.0f} s wall, {used:.0f} s CPU"
 
 
+def built_solution(chapter: str) -> Path | None:
+    """The book build's executed worked notebook, if it was executed at ci from the current notebook and library."""
+    built = ROOT / "_build" / "executed" / "solutions" / f"{chapter}.ipynb"
+    stamp = ROOT / "_build" / "executed" / ".budget"
+    if not built.is_file() or not stamp.is_file() or stamp.read_text().strip() != "ci":
+        return None
+    newer = [p for p in [ROOT / "solutions" / f"{chapter}.ipynb", *(ROOT / "course_lib").glob("*.py")]
+             if p.stat().st_mtime > built.stat().st_mtime]
+    return None if newer else built
+
+
 @pytest.mark.notebooks
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_solution_notebook_runs_and_every_check_passes(chapter, tmp_path):
-    nb, seconds = execute(ROOT / "solutions" / f"{chapter}.ipynb", tmp_path / f"{chapter}.ipynb")
+    # The book build executes the worked notebooks (they are the site's exercise pages): check its copy
+    # when it is current, and execute the notebook here otherwise.
+    built = built_solution(chapter)
+    if built is not None:
+        nb, seconds = load(built), "the book build's executed copy"
+    else:
+        nb, seconds = execute(ROOT / "solutions" / f"{chapter}.ipynb", tmp_path / f"{chapter}.ipynb")
     outcomes = checks.outcomes_in_notebook(nb)
     expected = list(checks.CHAPTER_CHECKS[chapter])
     assert [name for _, name, _ in outcomes] == expected, outcomes
     failed = [(i, name) for i, name, ok in outcomes if not ok]
     assert not failed, "\n".join(text({"source": [o.get("text", "") for o in nb["cells"][i]["outputs"]]}) for i, _ in failed)
     assert set(check_cells(nb)) == {i for i, _, _ in outcomes}  # every check cell printed its verdict
+    # every result a worked answer refers to was glued by an executed cell, and every experiment printed
+    outputs = [o for c in nb["cells"] for o in c.get("outputs", [])]
+    glued = {o.get("metadata", {}).get("scrapbook", {}).get("name") for o in outputs}
+    markdown = "\n".join(text(c) for c in nb["cells"] if c["cell_type"] == "markdown")
+    used = set(re.findall(r"\{glue:\w+\}`(\w+)", markdown))
+    assert used and used <= glued, f"answers refer to results no executed cell glued: {used - glued}"
+    from myst_nb.core.variables import format_plain_text  # what the site's {glue:text} role does
+
+    plain = {o["metadata"]["scrapbook"]["name"]: o["data"].get("application/papermill.record/text/plain", "")
+             for o in outputs if "scrapbook" in o.get("metadata", {})}
+    for key, spec in re.findall(r"\{glue:text\}`(\w+)(?::([^`]+))?`", markdown):
+        format_plain_text(plain[key], spec or "s")  # raises where the site would warn (e.g. numpy's repr)
+    for group in exercise_groups(nb):
+        if group["kind"] == "experiment":
+            shown = [o for c in group["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+                     if o.get("output_type") in ("stream", "display_data", "execute_result") and "scrapbook" not in
+                     o.get("metadata", {})]
+            assert shown, f"experiment {group['number']} shows no output"
     print(f"{chapter}: solutions executed in {seconds}")
 
 
@@ -276,6 +396,71 @@ def test_instructors_page_lists_every_notebook_and_function():
     compile(grading_script(), "grade.py", "exec")
 
 
+def test_instructors_page_says_first_how_to_publish_without_solutions():
+    page = INSTRUCTORS.read_text(encoding="utf-8")
+    first = page.split("\n\n")[1]  # the paragraph after the title
+    assert "course.include_solutions: false" in first and "_config.yml" in first
+
+
+def test_minutes_per_exercise_are_measured_and_cover_every_exercise():
+    page = INSTRUCTORS.read_text(encoding="utf-8")
+    assert re.search(r"```\{csv-table\}[^\n]*\n:file: exercise_times.csv\n:header-rows: 1\n```", page)
+    import csv
+
+    rows = list(csv.DictReader((ROOT / exercises.TIMES_FILE).read_text(encoding="utf-8").splitlines()))
+    assert list(rows[0]) == list(exercises.TIMES_COLUMNS)
+    expected = []
+    for chapter in CHAPTERS:
+        groups = exercise_groups(load(ROOT / "exercises" / "source" / f"{chapter}.ipynb"))
+        expected += [(g["number"], g["title"], g["kind"]) for g in groups] + [(f"{int(chapter[:2])} (all)", None, "")]
+    assert [(r["exercise"], r["title"] if r["kind"] else None, r["kind"]) for r in rows] == expected, (
+        "book/exercise_times.csv lists other exercises than the sources: build the book and run `make exercise-times`")
+    for r in rows:
+        assert math.isfinite(float(r["minutes at ci"])) and float(r["minutes at ci"]) >= 0
+        if r["kind"] == "implement":
+            assert int(r["lines of code to write"]) >= 1 and int(r["hint steps"]) >= 2, r
+
+
+def test_exercise_times_add_up_papermill_durations():
+    source = _nb(("markdown", "# Exercises 9: Sample"), ("code", "import x"),
+                 ("markdown", "## Exercise 9.1: one (implement)"),
+                 ("markdown", "<details><summary>Hint 1: a</summary>\n\nx\n\n</details>"),
+                 ("code", "def f():\n    # BEGIN SOLUTION\n    return 1\n    # END SOLUTION"),
+                 ("code", "check(f)"), ("markdown", "## Exercise 9.2: two (in words)"), ("markdown", "Why?"))
+    executed = json.loads(json.dumps(source))
+    for cell, seconds in zip(executed["cells"], [0, 6, 0, 0, 30, 54, 0, 0]):
+        cell["metadata"]["papermill"] = {"duration": seconds}
+    rows = exercises.exercise_times(executed, source)
+    assert rows == [
+        {"exercise": "9.1", "title": "one", "kind": "implement", "minutes at ci": 1.4, "lines of code to write": 1,
+         "hint steps": 1},
+        {"exercise": "9.2", "title": "two", "kind": "in words", "minutes at ci": 0.0, "lines of code to write": 0,
+         "hint steps": 0},
+        {"exercise": "9 (all)", "title": "Sample: the whole notebook", "kind": "", "minutes at ci": 1.5,
+         "lines of code to write": 1, "hint steps": 1}]
+    stale = json.loads(json.dumps(executed))
+    stale["cells"] = stale["cells"][:6]  # executed before exercise 9.2 existed
+    with pytest.raises(ValueError, match="exercise 9.2 is not in the executed notebook"):
+        exercises.exercise_times(stale, source)
+
+
+def test_a_rubric_for_every_question_in_words_and_two_schedules():
+    page = INSTRUCTORS.read_text(encoding="utf-8")
+    rubrics = page.split("## Rubrics for the answers in words", 1)[1].split("\n## ", 1)[0]
+    for chapter in CHAPTERS:
+        for group in exercise_groups(load(ROOT / "exercises" / "source" / f"{chapter}.ipynb")):
+            if group["kind"] == "in words":
+                heading = f"### Exercise {group['number']}: {group['title']}\n"
+                assert heading in rubrics, f"no rubric for exercise {group['number']}"
+                points = rubrics.split(heading, 1)[1].split("\n### ", 1)[0]
+                assert re.search(r"\d points?:", points), f"exercise {group['number']}: the rubric gives no points"
+    assert "**A one-week module**" in page and "**A three-week module**" in page
+    prerequisites = page.split("## Prerequisites per chapter", 1)[1].split("\n## ", 1)[0]
+    for chapter in CHAPTERS:
+        title = text(load(ROOT / "book" / f"{chapter}.ipynb")["cells"][0]).splitlines()[0][2:]
+        assert f"| {title} |" in prerequisites, title
+
+
 @pytest.mark.notebooks
 def test_grading_script_grades_a_submission(tmp_path):
     cells = [
@@ -294,7 +479,7 @@ def test_grading_script_grades_a_submission(tmp_path):
     proc = subprocess.run([sys.executable, "grade.py", "05_mixtures", str(submission)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{submission}: 2/3" in proc.stdout
+    assert f"{submission}: 2/4" in proc.stdout
     rows = (tmp_path / "grades-05_mixtures.csv").read_text().splitlines()
-    assert rows[0] == "notebook,score,out of,responsibilities,em_step,data_dependent_log_weights"
-    assert rows[1].endswith(",2,3,True,False,True")
+    assert rows[0] == "notebook,score,out of,responsibilities,em_step,data_dependent_log_weights,tune_mixture"
+    assert rows[1].endswith(",2,4,True,False,True,False")
