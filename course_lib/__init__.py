@@ -12,6 +12,7 @@ Where things live:
     training      the tuning loop: early stopping, checkpoints, resume
     experiments   the method ladder and the paper grid; the results cache
     results       results tables: rows with their identity, checksummed CSVs, merging, summaries
+    statistics    paired differences of two methods on the same facts, bootstrap intervals, seeds
     files         atomic writes, a lock for files several processes update, output-path checks
     cli           the command line (python -m course_lib)
 """

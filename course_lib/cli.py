@@ -39,8 +39,8 @@ from .evaluation import SCORING_BATCH, AnswerSpace
 from .files import UnusablePath, check_output_dir, check_output_file, describe_os_error
 from .models import DEFAULT_MODEL, DEVICE_ENV, DeviceUnavailable, ModelUnavailable, parse_device
 from .probing import HardMethod
-from .results import (TableError, format_table, frame_of, holds_a_table, read_stored, row_key, summarize, update_table,
-                      write_table)
+from .results import (FACT_RANKS, TableError, format_table, frame_of, holds_a_table, read_stored,
+                      row_key, summarize, update_table, write_table)
 from .templates import TemplateError
 from .training import LR_PER_SPREAD, MAX_SEED, CheckpointError, CheckpointMismatch
 
@@ -517,6 +517,9 @@ def _why_not_reusable(stored, here: dict[str, str], settings: dict[str, Any], re
         for row, sealed in found:
             if not sealed or "identity" not in row:
                 return f"its row in {stored.path} has no checksum or identity (written by an older course_lib)"
+            if not row.get(FACT_RANKS):
+                return (f"its row in {stored.path} has no per-fact ranks to compare fact by fact "
+                        "(written by an older course_lib)")
             try:
                 identity = json.loads(row["identity"])
             except ValueError:

@@ -48,6 +48,9 @@ SCORING_BATCH = 128
 class Scored:
     """The facts kept, their gold ids and ranks (1 = top), the top-10 predictions, and the dropped counts.
 
+    ``index`` is each kept fact's position in the facts that were scored. Callers score the first
+    facts of a split file (``probing.take``), so it is also the fact's line in that file: the same
+    fact has the same index in every row scored on that split, which is what pairs rows fact by fact.
     ``truncated`` counts kept facts whose subject was cut to fit the model's context (under at
     least one prompt): they are scored, but on part of the subject.
     """
@@ -56,6 +59,7 @@ class Scored:
     gold: torch.Tensor
     ranks: torch.Tensor
     top10: torch.Tensor
+    index: torch.Tensor
     dropped: Counter = field(default_factory=Counter)
     truncated: int = 0
 
@@ -186,13 +190,15 @@ def score_facts_in_spaces(
     usable = [k for k, t in enumerate(templates) if lm.covers(t)]
     if not usable:
         empty = torch.zeros(0, dtype=torch.long)
-        return {name: Scored([], empty, empty, torch.zeros(0, 10, dtype=torch.long), Counter({DropReason.UNCOVERED.value: len(facts)}))
+        return {name: Scored([], empty, empty, torch.zeros(0, 10, dtype=torch.long), empty,
+                             Counter({DropReason.UNCOVERED.value: len(facts)}))
                 for name in spaces}
     form = answer_form_template(lm, [prompts[k] for k in usable])
     dropped = {name: Counter() for name in spaces}
     members: dict[str, list[int]] = {name: [] for name in spaces}  # indices into ``scorable``
     scorable: list[tuple[Fact, int]] = []
-    for f in facts:
+    position: list[int] = []  # of each scorable fact in ``facts``
+    for i, f in enumerate(facts):
         tid = lm.answer_id(f.object, form)
         if tid is None:
             for name in spaces:
@@ -206,9 +212,11 @@ def score_facts_in_spaces(
             for name in inside:
                 members[name].append(len(scorable))
             scorable.append((f, tid))
+            position.append(i)
     lw = torch.zeros(len(templates)) if log_weights is None else log_weights.detach().float().cpu()
     lw = torch.log_softmax(lw[usable], dim=0)
     gold_t = torch.tensor([g for _, g in scorable], dtype=torch.long)
+    position_t = torch.tensor(position, dtype=torch.long)
     ranks = {name: torch.zeros(len(scorable), dtype=torch.long) for name in spaces}
     top10 = {name: torch.zeros(len(scorable), 10, dtype=torch.long) for name in spaces}
     cut = torch.zeros(len(scorable), dtype=torch.bool)
@@ -245,8 +253,8 @@ def score_facts_in_spaces(
     out = {}
     for name in spaces:
         sel = torch.tensor(members[name], dtype=torch.long)
-        out[name] = Scored([scorable[i][0] for i in members[name]], gold_t[sel], ranks[name][sel], top10[name][sel], dropped[name],
-                           int(cut[sel].sum()))
+        out[name] = Scored([scorable[i][0] for i in members[name]], gold_t[sel], ranks[name][sel],
+                           top10[name][sel], position_t[sel], dropped[name], int(cut[sel].sum()))
     return out
 
 

@@ -36,7 +36,8 @@ from .evaluation import Scored, answer_form_template, majority_answer, majority_
 from .files import write_text
 from .mixture import effective_prompts
 from .probing import answer_mask, best_template_on_dev, take
-from .results import ROW_KEY, counts_of, frame_of, identity_json, make_row, read_stored
+from .results import (MAJORITY_HITS, ROW_KEY, counts_of, frame_of, identity_json, make_row,
+                      read_stored)
 from .templates import Template
 from .training import CheckpointMismatch, NothingToTune, TuneConfig, resolved, tune
 
@@ -136,8 +137,9 @@ def select_templates(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budge
     return [best]
 
 
-CACHE_FORMAT = 3  # 3: rows carry the majority and untuned baselines; 2: entries hold identity, data checksums and
-# their own checksum; 1: the bare row
+# 4: rows carry per-fact outcomes (fact_ranks, majority_hits); 3: rows carry the majority and
+# untuned baselines; 2: entries hold identity, data checksums and their own checksum; 1: the bare row
+CACHE_FORMAT = 4
 
 
 def _rung_identity(lm: ClozeLM, dataset: str, relation: str, r: Rung, b: Budget, config: TuneConfig, answer_space: str,
@@ -201,7 +203,9 @@ def baselines(lm: ClozeLM, templates: Sequence[Template], train: Sequence, score
 
     A prompt that learned to always give the relation's most frequent object scores this much
     without recalling anything: every tuned row carries it beside its own P@1. Only training
-    objects this model can give (one token, inside the answer space) count.
+    objects this model can give (one token, inside the answer space) count. ``majority_hits`` lists
+    the kept facts (their ``Scored.index``) whose gold object it is, so that the baseline can be
+    one side of a paired comparison (``statistics``).
     """
     form = answer_form_template(lm, [lm.encode_prompt(t) for t in templates if lm.covers(t)] or
                                 [lm.encode_prompt(templates[0])]) if templates else None
@@ -211,7 +215,9 @@ def baselines(lm: ClozeLM, templates: Sequence[Template], train: Sequence, score
         if tid is not None and (allowed is None or bool(allowed[tid])):
             answerable.append(f.object)
     answer = majority_answer(answerable)
-    return {"majority_answer": answer, "majority_p_at_1": majority_p_at_1(answer, scored.facts)}
+    hits = [int(i) for f, i in zip(scored.facts, scored.index.tolist()) if f.object == answer]
+    return {"majority_answer": answer, "majority_p_at_1": majority_p_at_1(answer, scored.facts),
+            MAJORITY_HITS: json.dumps(hits, separators=(",", ":"))}
 
 
 def tune_and_score(
@@ -266,8 +272,12 @@ def _tune_and_score(lm: ClozeLM, dataset: str, relation: str, templates: Sequenc
         # no metric is given, since nothing was tuned.
         untuned = score_facts(lm, templates, test, allowed=allowed)
         extra.update(hard_p_at_1=untuned.metrics()["p_at_1"], **baselines(lm, templates, train, untuned, allowed))
+        # No score of its own, so no fact_ranks (the untuned prompt's would pass for the method's),
+        # and without them majority_hits' indices would point into a list the row does not hold.
+        del extra[MAJORITY_HITS]
         extra["note"] = "no training fact has a single-token object for this model: not tuned"
-        return make_row(lm, row_key, counts_of(untuned, len(test)), {m: math.nan for m in untuned.metrics()}, **extra)
+        return make_row(lm, row_key, counts_of(untuned, len(test), per_fact=False),
+                        {m: math.nan for m in untuned.metrics()}, **extra)
     scored = score_facts(lm, templates, test, log_weights=result.log_weights, perturbation=result.soft.perturbation,
                          allowed=allowed, data_dependent=config.data_dependent, batch_size=config.batch_size * 2)
     # Beside the tuned score: the same prompts untuned (for a random start: the templates it replaced)

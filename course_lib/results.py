@@ -8,6 +8,10 @@ revision, dataset, relation, split, answer space, caps, method and its parameter
 version) and the sha256 of every data file it read. A stored row is reused only when its identity
 is the one asked for and those files are unchanged.
 
+A scored row also carries its outcome on each fact (``fact_ranks``: each kept fact's line in its
+split file and the gold object's rank; ``majority_hits``: the facts the majority answer gets), so
+that rows scored on the same facts can be compared fact by fact (``statistics``).
+
 On disk a table is a CSV whose every row ends with ``row_sha256``, a checksum of the row's cells:
 a row cut short, padded with NUL bytes or edited is recognised as damaged when read back
 (``read_stored``). Files several processes add rows to are updated under a lock
@@ -43,10 +47,15 @@ ROW_CHECKSUM = "row_sha256"
 # Counts stay whole numbers through a CSV, even in a column where some rows have none (pandas would
 # otherwise turn the whole column into floats).
 INTEGER_COLUMNS = ("facts", "kept", "dropped", "truncated", "seed", "best_epoch", "epochs_run", "resumed_from_epoch")
+# Per-fact outcomes, so that two rows scored on the same facts can be compared fact by fact
+# (``statistics``): the gold answer's rank for each kept fact, the facts the majority answer gets.
+FACT_RANKS = "fact_ranks"
+MAJORITY_HITS = "majority_hits"
 # Text even when it looks like a number (a git commit "0123456", a relation "100").
 TEXT_COLUMNS = ("model", "dataset", "relation", "prompt_set", "method", "split", "answer_space", "template",
                 "model_revision", "device", "dropped_reasons", "config", "identity", "templates", "history", "weights",
-                "note", "checkpoint", "budget", "course_lib", "torch", "transformers", "python", "git_commit")
+                "note", "checkpoint", "budget", "course_lib", "torch", "transformers", "python",
+                "git_commit", FACT_RANKS, MAJORITY_HITS)
 METRIC_COLUMNS = ("p_at_1", "p_at_10", "mrr")
 # The columns of a table with no rows (a shard that got no jobs): still a table `merge` accepts.
 EMPTY_TABLE_COLUMNS = [*KEY_COLUMNS, "model_revision", "device", "facts", "kept", "dropped", "dropped_reasons",
@@ -404,11 +413,87 @@ def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:
     return table[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}")
 
 
-def counts_of(scored, facts_total: int) -> dict[str, Any]:
-    return {
+def counts_of(scored, facts_total: int, *, per_fact: bool = True) -> dict[str, Any]:
+    """The count columns of a row scored as ``scored``, and (``per_fact``) its ``fact_ranks``.
+
+    Pass ``per_fact=False`` where the row's metrics are not ``scored``'s (a relation left untuned):
+    per-fact outcomes must always be those of the row's own P@1.
+    """
+    counts = {
         "facts": facts_total,
         "kept": scored.kept,
         "dropped": facts_total - scored.kept,
         "dropped_reasons": json.dumps(dict(scored.dropped), sort_keys=True),
         "truncated": scored.truncated,
     }
+    if per_fact:
+        counts[FACT_RANKS] = fact_ranks_json(scored.index.tolist(), scored.ranks.tolist())
+    return counts
+
+
+# ------------------------------------------------------------------------------ per-fact outcomes
+def fact_ranks_json(index: Sequence[int], ranks: Sequence[int]) -> str:
+    """The ``fact_ranks`` cell: ``{"index": [...], "rank": [...]}``, aligned, without spaces.
+
+    ``index`` is each kept fact's 0-based line in its split file (``evaluation.Scored.index``),
+    ``rank`` the gold object's 1-based rank for it. Subject and object cannot serve as the id: a
+    split file can list the same fact twice (T-REx P176's test split repeats 9 of its lines).
+    """
+    cell = {"index": [int(i) for i in index], "rank": [int(r) for r in ranks]}
+    return json.dumps(cell, separators=(",", ":"))
+
+
+def row_name(row: Mapping[str, Any]) -> str:
+    """A row as an error message names it: its key cells (and template, if any) joined by "/"."""
+    return "/".join(c for c in row_key(row) if c)
+
+
+def _cell_text(row: Mapping[str, Any], column: str) -> str:
+    value = row.get(column)
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def fact_ranks(row: Mapping[str, Any]) -> dict[int, int]:
+    """{fact index in the split file: the gold object's 1-based rank} for every fact the row kept.
+
+    Raises ``TableError`` naming the row when it has no ``fact_ranks`` (a table written by an older
+    course_lib, or a row with no metric of its own) or when the cell does not agree with ``kept``.
+    """
+    cell = _cell_text(row, FACT_RANKS)
+    if not cell:
+        raise TableError(f"row {row_name(row)}: no {FACT_RANKS} (written by an older course_lib, or "
+                         "a row with no score of its own): its facts cannot be compared one by one; "
+                         "compute the row again")
+    try:
+        parsed = json.loads(cell)
+        index, ranks = parsed["index"], parsed["rank"]
+        out = dict(zip((int(i) for i in index), (int(r) for r in ranks), strict=True))
+    except (ValueError, TypeError, KeyError) as err:
+        raise TableError(f"row {row_name(row)}: unreadable {FACT_RANKS} ({err})") from None
+    kept = _cell_text(row, "kept")
+    if len(out) != len(index) or (kept and len(out) != int(float(kept))):
+        raise TableError(f"row {row_name(row)}: {FACT_RANKS} lists {len(index)} facts ({len(out)} "
+                         f"distinct) where the row kept {kept or 'an unknown number'}")
+    if any(i < 0 for i in out) or any(r < 1 for r in out.values()):
+        raise TableError(f"row {row_name(row)}: {FACT_RANKS} has a negative index or a rank "
+                         "below 1")
+    return out
+
+
+def majority_hits(row: Mapping[str, Any]) -> dict[int, bool]:
+    """{fact index: whether the row's majority answer is the gold object} on the facts the row kept.
+
+    The majority baseline as a method of its own, on exactly the facts the row's P@1 is over.
+    """
+    kept = fact_ranks(row)
+    cell = _cell_text(row, MAJORITY_HITS)
+    if not cell:
+        raise TableError(f"row {row_name(row)}: no {MAJORITY_HITS} (a row without a majority "
+                         "baseline, or written by an older course_lib)")
+    try:
+        hits = {int(i) for i in json.loads(cell)}
+    except (ValueError, TypeError) as err:
+        raise TableError(f"row {row_name(row)}: unreadable {MAJORITY_HITS} ({err})") from None
+    if not hits <= kept.keys():
+        raise TableError(f"row {row_name(row)}: {MAJORITY_HITS} names facts the row did not keep")
+    return {i: i in hits for i in kept}

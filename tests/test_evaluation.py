@@ -70,7 +70,8 @@ def test_metrics_of_nothing_are_nan_not_zero():
     assert set(m) == {"p_at_1", "p_at_10", "mrr"}
     assert all(math.isnan(v) for v in m.values())
     empty = torch.zeros(0, dtype=torch.long)
-    assert all(math.isnan(v) for v in Scored([], empty, empty, torch.zeros(0, 10, dtype=torch.long)).metrics().values())
+    nothing = Scored([], empty, empty, torch.zeros(0, 10, dtype=torch.long), empty)
+    assert all(math.isnan(v) for v in nothing.metrics().values())
 
 
 def test_ranks_of():

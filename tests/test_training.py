@@ -154,7 +154,7 @@ class Recorder:
             return scored
         hits = round(self.script[len(self.offsets) - 1] * 10)
         ranks = torch.tensor([1] * hits + [5] * (10 - hits))
-        return Scored(scored.facts, scored.gold, ranks, scored.top10, Counter())
+        return Scored(scored.facts, scored.gold, ranks, scored.top10, scored.index, Counter())
 
 
 def test_early_stopping_stops_and_restores_the_best_dev_state(monkeypatch: pytest.MonkeyPatch) -> None:
