@@ -159,6 +159,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # Python 3.11's argparse drops an explicit "--" value (`--device=--`) and then skips the
+        # type check, handing the command an empty list: refuse it, as later Pythons do.
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            raise argparse.ArgumentError(action, "'--' is not a value")
+        return super()._get_values(action, arg_strings)
+
 
 class _HelpWithDefaults(argparse.HelpFormatter):
     """argparse's ArgumentDefaultsHelpFormatter, except that flags say "off" and an option whose

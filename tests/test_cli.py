@@ -151,6 +151,7 @@ def download_from(mirror_files: dict[str, bytes]):
             (tmp / "mirror" / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / "mirror" / rel).write_bytes(content)
         monkeypatch.delenv(data.ENV_VAR, raising=False)
+        monkeypatch.delenv("COURSE_LIB_CACHE", raising=False)  # it would outrank XDG_CACHE_HOME
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
         monkeypatch.setenv(download.URL_BASE_ENV, (tmp / "mirror").as_uri())
 

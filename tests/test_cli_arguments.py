@@ -222,6 +222,14 @@ def test_a_device_is_one_this_machine_has(capsys, value: str) -> None:
         assert torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
 
 
+def test_a_lone_double_dash_is_no_value() -> None:
+    # Python 3.11's argparse turns `--device=--` into an empty list that skips the type check.
+    for option in ("--device", "--model", "--out"):
+        with pytest.raises(SystemExit) as stop:
+            build_parser().parse_args(["probe", f"{option}=--"])
+        assert stop.value.code == 2
+
+
 # ---------------------------------------------------------------------------------------- whole commands
 @pytest.fixture(autouse=True)
 def results_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -240,6 +240,7 @@ def test_case_4_reproduce_recomputes_when_the_data_changed(own_data: Path, tmp_p
 def download_mode(shared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No local data folder: files are downloaded (from a file:// mirror of the shared data) into an empty cache."""
     monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.delenv("COURSE_LIB_CACHE", raising=False)  # it would outrank XDG_CACHE_HOME
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(download.URL_BASE_ENV, shared_dir.as_uri())
     return tmp_path / "cache" / "course_lib" / "data"

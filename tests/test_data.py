@@ -392,6 +392,7 @@ def test_empty_prompt_file(fake):
 
 def test_downloads_into_the_cache_without_the_env_var(shared_dir, monkeypatch, tmp_path):
     monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.delenv("COURSE_LIB_CACHE", raising=False)  # it would outrank XDG_CACHE_HOME
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(dl.URL_BASE_ENV, shared_dir.as_uri())
     root = tmp_path / "cache" / "course_lib" / "data"
