@@ -9,7 +9,7 @@
 #                 executed chapters, every chapter executed on a tiny model of each family (masked,
 #                 seq2seq, causal), the exercises, the grading exports through nbgrader and
 #                 otter-grader, a Colab-like venv running chapter 1 from its own install cell, the
-#                 unit tests at the declared lower bounds, pip resolutions for every Python version
+#                 the library core's unit tests at the declared lower bounds, pip resolutions for every Python version
 #                 claimed, and the site tests in headless Chromium.
 #                 CI runs exactly this (.ci/run).
 #   make bench    python -m course_lib bench   (BENCH_ARGS="..." for its options)
@@ -123,7 +123,7 @@ test-colab:
 	$(ENV) bash scripts/colab_check.sh
 
 test-lower-bounds:
-	$(call phase,unit tests at the declared lower bounds (torch $(TORCH_LOWER)))
+	$(call phase,the library core's unit tests at the declared lower bounds (torch $(TORCH_LOWER)))
 	TORCH_LOWER='$(TORCH_LOWER)' bash scripts/lower_bounds.sh
 
 test-pythons:
