@@ -123,7 +123,7 @@ test-colab:
 	$(ENV) bash scripts/colab_check.sh
 
 test-lower-bounds:
-	$(call phase,the library core's unit tests at the declared lower bounds (torch $(TORCH_LOWER)))
+	$(call phase,unit tests of the library core at the declared lower bounds (torch $(TORCH_LOWER)))
 	TORCH_LOWER='$(TORCH_LOWER)' bash scripts/lower_bounds.sh
 
 test-pythons:
