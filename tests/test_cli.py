@@ -11,21 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from course_lib.cli import main
 from course_lib.experiments import LADDER
 from course_lib.results import KEY_COLUMNS
+from conftest import call
 
 METRICS = ["facts", "kept", "dropped", "p_at_1", "p_at_10", "mrr"]
-
-
-def call(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of one command; argparse's own errors exit, the rest return 2."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(autouse=True)

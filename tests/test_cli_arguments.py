@@ -24,21 +24,13 @@ from course_lib.cli import MAX_COUNT, build_parser, main
 from course_lib.evaluation import AnswerSpace
 from course_lib.results import KEY_COLUMNS
 from course_lib.training import MAX_SEED
+from conftest import call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 RUNS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def call(argv: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def refused_in_one_line(err: str, option: str) -> None:

@@ -24,23 +24,13 @@ import pytest
 import torch
 
 from course_lib import data, download
-from course_lib.cli import main
 from course_lib.experiments import LADDER
 from course_lib.results import KEY_COLUMNS
+from conftest import call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 METRICS = ["facts", "kept", "dropped", "p_at_1", "p_at_10", "mrr"]
-
-
-def call(argv: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of one command (argparse's errors exit; the rest return)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(err: str, named: str) -> None:

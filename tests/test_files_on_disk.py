@@ -21,19 +21,10 @@ import pytest
 import torch
 
 from course_lib import files, results, training
-from course_lib.cli import main
 from course_lib.training import CheckpointError, load_checkpoint, save_checkpoint
+from conftest import call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def call(argv: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def leftovers(folder: Path) -> list[str]:
