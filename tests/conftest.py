@@ -14,21 +14,6 @@ SHARED = (
 )
 
 
-def call(argv: list, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of one CLI command (argparse's errors exit; the rest return).
-
-    The CLI test modules import it: ``from conftest import call``.
-    """
-    from course_lib.cli import main
-
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def pytest_configure(config):
     # tests/test_exercises.py: execute every exercise and solution notebook with papermill (minutes;
     # run as their own phase with `pytest -m notebooks`, after the book build has warmed the results cache).

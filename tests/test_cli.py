@@ -13,7 +13,7 @@ import pytest
 
 from course_lib.experiments import LADDER
 from course_lib.results import KEY_COLUMNS
-from conftest import call
+from cli_call import call
 
 METRICS = ["facts", "kept", "dropped", "p_at_1", "p_at_10", "mrr"]
 

@@ -24,7 +24,7 @@ from course_lib.cli import MAX_COUNT, build_parser, main
 from course_lib.evaluation import AnswerSpace
 from course_lib.results import KEY_COLUMNS
 from course_lib.training import MAX_SEED
-from conftest import call
+from cli_call import call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

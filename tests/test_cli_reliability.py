@@ -26,7 +26,7 @@ import torch
 from course_lib import data, download
 from course_lib.experiments import LADDER
 from course_lib.results import KEY_COLUMNS
-from conftest import call
+from cli_call import call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

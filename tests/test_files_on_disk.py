@@ -22,7 +22,7 @@ import torch
 
 from course_lib import files, results, training
 from course_lib.training import CheckpointError, load_checkpoint, save_checkpoint
-from conftest import call
+from cli_call import call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
